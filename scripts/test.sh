@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test of kdgraph: the Rust suite, then the Python suite (PyTorch references, ORT Training).
+# Creates the pinned Python environment in .venv when it is missing or out of date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/python-env.sh
+cargo build --locked
+cargo test --locked
+KDGRAPH_BIN="$PWD/target/debug/kdgraph" .venv/bin/python -m pytest -q tests/python "$@"

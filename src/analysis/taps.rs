@@ -1,0 +1,187 @@
+//! Finding the taps of one model along its chain of cut tensors: the stem and stage ends (with
+//! their pre-ReLU points), the embedding that feeds the classifier, and the logits.
+
+use std::collections::HashMap;
+
+use super::dataflow::Dataflow;
+use super::scopes::top_level_scope;
+use super::shapes::{fixed, Shape};
+use crate::error::{Error, Result};
+use crate::onnx::{pb, proto};
+
+/// Activations that may close a conv unit or a head.
+const ACTIVATIONS: [&str; 8] = ["Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid", "Elu", "Selu", "Gelu"];
+/// Ops that pass the embedding through unchanged at inference.
+const PASS_THROUGH: [&str; 2] = ["Dropout", "Identity"];
+
+/// Where a model can be tapped, as tensor names.
+#[derive(Debug, Clone)]
+pub struct Taps {
+    /// Stem first (RepDistiller's `f0`), then the end of each stage.
+    pub spatial: Vec<String>,
+    pub embedding: String,
+    pub logits: String,
+    /// Observations worth showing the user (a head that was skipped, a merged stem, ...).
+    pub notes: Vec<String>,
+}
+
+/// Finds the taps of a model from its dataflow and tensor shapes.
+pub fn find_taps(flow: &Dataflow, shapes: &HashMap<String, Shape>, logits: &str, shown: &str) -> Result<Taps> {
+    let cuts = flow.cuts_to(logits);
+    let classifier = cuts.iter().rposition(|t| {
+        flow.producer(t).is_some_and(|n| n.op_type == "Gemm" || n.op_type == "MatMul")
+    });
+    let embedding = match classifier {
+        Some(i) => {
+            let node = flow.producer(cuts[i]).expect("a cut has a producer");
+            let mut tensor = flow.data_inputs(node).next().unwrap_or(cuts[i.saturating_sub(1)]);
+            while let Some(n) = flow.producer(tensor).filter(|n| PASS_THROUGH.contains(&n.op_type.as_str())) {
+                match flow.data_inputs(n).next() {
+                    Some(input) => tensor = input,
+                    None => break,
+                }
+            }
+            tensor.to_string()
+        }
+        None => cuts
+            .iter()
+            .rev()
+            .skip(1)
+            .find(|t| shapes.get(**t).is_some_and(|s| s.len() == 2))
+            .map(|t| t.to_string())
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "`{shown}`: no classifier (Gemm or MatMul) and no 2-D embedding found before the logits `{logits}`"
+                ))
+            })?,
+    };
+    let before_embedding = cuts.iter().position(|t| *t == embedding).unwrap_or(cuts.len());
+    let spatial_cuts: Vec<&str> = cuts[..before_embedding]
+        .iter()
+        .copied()
+        .filter(|t| spatial_size(shapes.get(*t)).is_some_and(|(h, w)| h * w > 1))
+        .collect();
+    if spatial_cuts.is_empty() {
+        return Err(Error::input(format!(
+            "`{shown}`: no spatial feature map (N x C x H x W with H*W > 1) lies on every path from the input to the logits; \
+             kdgraph needs a convolutional network (check that the input has fixed H and W)"
+        )));
+    }
+    let groups = group_by_resolution(&spatial_cuts, shapes);
+    let mut notes = Vec::new();
+    let mut spatial: Vec<String> = groups.iter().map(|g| g.last().expect("groups are not empty").to_string()).collect();
+
+    let last_group = groups.last().expect("at least one group");
+    if let Some(stage_end) = before_head(flow, last_group) {
+        notes.push(format!(
+            "the head after `{stage_end}` (1x1 conv or final BN/activation before pooling) is not a stage"
+        ));
+        *spatial.last_mut().expect("at least one stage") = stage_end.to_string();
+    }
+
+    let first_group = &groups[0];
+    if let Some(stem) = first_unit_end(flow, first_group) {
+        let first_stage = first_group.last().expect("groups are not empty");
+        if stem != *first_stage {
+            if told_apart(flow, shapes, stem, first_stage) {
+                spatial.insert(0, stem.to_string());
+            } else {
+                notes.push(format!(
+                    "the stem cannot be told apart from the first stage (same resolution, channels and module); `{first_stage}` is taken as the stem"
+                ));
+            }
+        }
+    }
+    Ok(Taps { spatial, embedding, logits: logits.to_string(), notes })
+}
+
+/// (H, W) of an NCHW tensor with fixed spatial dims.
+fn spatial_size(shape: Option<&Shape>) -> Option<(i64, i64)> {
+    match shape?.as_slice() {
+        [_, _, h, w] => Some((fixed(h)?, fixed(w)?)),
+        _ => None,
+    }
+}
+
+fn channels(shapes: &HashMap<String, Shape>, tensor: &str) -> Option<i64> {
+    shapes.get(tensor).and_then(|s| s.get(1)).and_then(fixed)
+}
+
+/// Consecutive runs of cut tensors that share a spatial resolution.
+fn group_by_resolution<'a>(cuts: &[&'a str], shapes: &HashMap<String, Shape>) -> Vec<Vec<&'a str>> {
+    let mut groups: Vec<Vec<&str>> = Vec::new();
+    let mut current = None;
+    for &cut in cuts {
+        let size = spatial_size(shapes.get(cut));
+        match groups.last_mut() {
+            Some(group) if size == current => group.push(cut),
+            _ => groups.push(vec![cut]),
+        }
+        current = size;
+    }
+    groups
+}
+
+fn op_of<'a>(flow: &Dataflow<'a>, tensor: &str) -> &'a str {
+    flow.producer(tensor).map(|n| n.op_type.as_str()).unwrap_or("")
+}
+
+/// The end of the first conv unit (Conv, then any BatchNormalization and activations) in a group.
+fn first_unit_end<'a>(flow: &Dataflow, group: &[&'a str]) -> Option<&'a str> {
+    let start = group.iter().position(|t| op_of(flow, t) == "Conv")?;
+    let mut end = start;
+    while end + 1 < group.len() {
+        let next = op_of(flow, group[end + 1]);
+        if next != "BatchNormalization" && !ACTIVATIONS.contains(&next) {
+            break;
+        }
+        end += 1;
+    }
+    Some(group[end])
+}
+
+/// The stem is a stage of its own where channel count or module scope tells it from the first stage.
+fn told_apart(flow: &Dataflow, shapes: &HashMap<String, Shape>, stem: &str, first_stage: &str) -> bool {
+    channels(shapes, stem) != channels(shapes, first_stage)
+        || top_level_scope(flow, stem) != top_level_scope(flow, first_stage)
+}
+
+/// Where the last group ends in a head (a trailing 1x1 conv unit, or a final BatchNorm +
+/// activation after a non-conv op, as in pre-activation ResNets), the tensor before the head.
+fn before_head<'a>(flow: &Dataflow, group: &[&'a str]) -> Option<&'a str> {
+    let mut i = group.len() - 1;
+    while i > 0 && ACTIVATIONS.contains(&op_of(flow, group[i])) {
+        i -= 1;
+    }
+    let mut saw_batchnorm = false;
+    if i > 0 && op_of(flow, group[i]) == "BatchNormalization" {
+        saw_batchnorm = true;
+        i -= 1;
+    }
+    if i > 0 && is_pointwise_conv(flow, group[i]) {
+        return Some(group[i - 1]);
+    }
+    if saw_batchnorm && op_of(flow, group[i]) != "Conv" {
+        return Some(group[i]);
+    }
+    None
+}
+
+fn is_pointwise_conv(flow: &Dataflow, tensor: &str) -> bool {
+    let Some(node) = flow.producer(tensor).filter(|n| n.op_type == "Conv") else { return false };
+    if let Some(kernel) = proto::attr_ints(node, "kernel_shape") {
+        return kernel.iter().all(|&k| k == 1);
+    }
+    let weight = node.input.get(1).map(String::as_str).unwrap_or("");
+    flow.graph
+        .initializer
+        .iter()
+        .find(|t| t.name == weight)
+        .is_some_and(|t| t.dims.len() == 4 && t.dims[2] == 1 && t.dims[3] == 1)
+}
+
+/// The pre-ReLU point of a stage end: the input of the Relu that produces it.
+pub fn pre_relu<'a>(flow: &Dataflow<'a>, tensor: &str) -> Option<&'a str> {
+    let node: &'a pb::NodeProto = flow.producer(tensor).filter(|n| n.op_type == "Relu")?;
+    node.input.first().map(String::as_str)
+}

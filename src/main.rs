@@ -1,0 +1,127 @@
+//! The kdgraph command line: parse arguments, call the library, print, and exit with 0, 1 or 2.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use kdgraph::{report, Error, MethodName, PlanOptions, Result};
+
+#[derive(Parser)]
+#[command(name = "kdgraph", version, about = "Merge a teacher and a student ONNX model into one knowledge-distillation training graph")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's inputs, stages (with pre-ReLU taps), embedding and logits.
+    Inspect {
+        /// The ONNX model to inspect.
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pair the teacher's and the student's taps for the chosen methods.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// The frozen teacher model.
+    teacher: PathBuf,
+    /// The student model to train.
+    student: PathBuf,
+    /// Distillation method; repeat to combine several.
+    #[arg(long = "method", short = 'm', value_enum, required = true)]
+    methods: Vec<MethodName>,
+    /// Show the plan (which tensors are paired, pools, connectors, weights) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also write a Graphviz picture of both stage chains and the pairs to this file.
+    #[arg(long, value_name = "FILE")]
+    dot: Option<PathBuf>,
+    /// Pair these tensors instead of the automatic pairing (repeatable).
+    #[arg(long = "tap", value_name = "TEACHER_TENSOR=STUDENT_TENSOR", value_parser = parse_tap)]
+    taps: Vec<(String, String)>,
+    /// Weight of the KD term (default: 0.9 with --method kd, else 0).
+    #[arg(long, help_heading = "Loss weights")]
+    alpha: Option<f64>,
+    /// Weight of the method term: B for every method, or METHOD=B (repeatable; default per method).
+    #[arg(long, value_name = "[METHOD=]B", value_parser = parse_beta, help_heading = "Loss weights")]
+    beta: Vec<(Option<MethodName>, f64)>,
+    /// Weight of the cross-entropy term (default: 0.1 with --method kd, else 1).
+    #[arg(long, help_heading = "Loss weights")]
+    gamma: Option<f64>,
+    /// KD temperature.
+    #[arg(short = 'T', long = "temperature", default_value_t = 4.0, help_heading = "Loss weights")]
+    temperature: f64,
+}
+
+fn parse_tap(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((t, s)) if !t.is_empty() && !s.is_empty() => Ok((t.to_string(), s.to_string())),
+        _ => Err(format!("expected TEACHER_TENSOR=STUDENT_TENSOR, got `{s}`")),
+    }
+}
+
+fn parse_beta(s: &str) -> std::result::Result<(Option<MethodName>, f64), String> {
+    let number = |v: &str| v.parse::<f64>().map_err(|_| format!("`{v}` is not a number"));
+    match s.split_once('=') {
+        Some((m, v)) => {
+            let method = <MethodName as clap::ValueEnum>::from_str(m, true)
+                .map_err(|_| format!("`{m}` is not a method (kd, fitnet, at, sp, cc, vid, rkd, pkt, ab, ft, fsp, nst, crd, ofd)"))?;
+            Ok((Some(method), number(v)?))
+        }
+        None => Ok((None, number(s)?)),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Inspect { model, json } => {
+            let analysis = kdgraph::inspect(&model)?;
+            print!("{}", if json { report::analysis_json(&analysis) + "\n" } else { report::analysis_text(&analysis) });
+            Ok(())
+        }
+        Command::Merge(args) => merge(args),
+    }
+}
+
+fn merge(args: MergeArgs) -> Result<()> {
+    let options = PlanOptions {
+        methods: args.methods,
+        taps: args.taps,
+        gamma: args.gamma,
+        alpha: args.alpha,
+        betas: args.beta,
+        temperature: args.temperature,
+    };
+    let plan = kdgraph::plan_merge(&args.teacher, &args.student, &options)?;
+    if let Some(dot) = &args.dot {
+        let mut write = kdgraph::onnx::io::AtomicWrite::new();
+        write.stage(dot, report::plan_dot(&plan).as_bytes())?;
+        write.commit()?;
+    }
+    print!("{}", if args.json { report::plan_json(&plan) + "\n" } else { report::plan_text(&plan) });
+    if !args.dry_run {
+        return Err(Error::usage("writing the joint graph is not available yet; run with --dry-run"));
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! Connectors: the small trainable networks a method inserts on a tap, described as data so the
+//! report can show them and the graph builder can build any of them.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::analysis::{show_shape, shapes::fixed, TensorInfo};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Teacher,
+    Student,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Teacher => "teacher",
+            Side::Student => "student",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Layer {
+    Conv { in_channels: i64, out_channels: i64, kernel: [i64; 2], stride: i64, pad: i64, bias: bool },
+    /// Nearest-neighbour upsampling by 2 (followed by a conv, in place of a transposed conv).
+    Upsample2x,
+    BatchNorm { channels: i64 },
+    Relu,
+    LeakyRelu { slope: f64 },
+    Linear { in_features: i64, out_features: i64 },
+    /// x / ||x||_2 along the feature axis.
+    L2Normalize,
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Layer::Conv { in_channels, out_channels, kernel, stride, .. } => {
+                write!(f, "conv{}x{}", kernel[0], kernel[1])?;
+                if *stride != 1 {
+                    write!(f, "/{stride}")?;
+                }
+                write!(f, " {in_channels}->{out_channels}")
+            }
+            Layer::Upsample2x => f.write_str("upsample x2"),
+            Layer::BatchNorm { .. } => f.write_str("BN"),
+            Layer::Relu => f.write_str("ReLU"),
+            Layer::LeakyRelu { .. } => f.write_str("LeakyReLU"),
+            Layer::Linear { in_features, out_features } => write!(f, "linear {in_features}->{out_features}"),
+            Layer::L2Normalize => f.write_str("L2-normalise"),
+        }
+    }
+}
+
+/// A named chain of layers applied to one side's tap.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Connector {
+    pub name: &'static str,
+    pub side: Side,
+    pub layers: Vec<Layer>,
+}
+
+impl fmt::Display for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let layers: Vec<String> = self.layers.iter().map(Layer::to_string).collect();
+        write!(f, "{} on {}: {}", self.name, self.side, layers.join(" + "))
+    }
+}
+
+pub fn conv(in_channels: i64, out_channels: i64, kernel: i64, stride: i64, bias: bool) -> Layer {
+    Layer::Conv { in_channels, out_channels, kernel: [kernel, kernel], stride, pad: kernel / 2, bias }
+}
+
+/// (C, H, W) of an NCHW tap with fixed channel and spatial dims.
+pub fn chw(info: &TensorInfo) -> Result<(i64, i64, i64)> {
+    match info.shape.as_slice() {
+        [_, c, h, w] => match (fixed(c), fixed(h), fixed(w)) {
+            (Some(c), Some(h), Some(w)) => Ok((c, h, w)),
+            _ => Err(not_spatial(info)),
+        },
+        _ => Err(not_spatial(info)),
+    }
+}
+
+/// The feature size of a [N, D] embedding.
+pub fn features(info: &TensorInfo) -> Result<i64> {
+    match info.shape.as_slice() {
+        [_, d] => fixed(d).ok_or_else(|| not_embedding(info)),
+        _ => Err(not_embedding(info)),
+    }
+}
+
+fn not_spatial(info: &TensorInfo) -> Error {
+    Error::input(format!(
+        "tensor `{}` has shape {}, not N x C x H x W with fixed C, H, W; tap a feature map instead",
+        info.tensor,
+        show_shape(&info.shape)
+    ))
+}
+
+fn not_embedding(info: &TensorInfo) -> Error {
+    Error::input(format!(
+        "tensor `{}` has shape {}, not an N x D embedding; tap the classifier's input instead",
+        info.tensor,
+        show_shape(&info.shape)
+    ))
+}
+
+/// FitNet's size-matching conv (METHODS.md 2): stride-2 3x3 when the student map is twice the
+/// teacher's, x2 upsampling then 3x3 when half, else a (1+s-t) kernel; no padding in the last case.
+pub fn size_matching_conv(teacher: &TensorInfo, student: &TensorInfo) -> Result<Vec<Layer>> {
+    let (s_c, s_h, s_w) = chw(student)?;
+    let (t_c, t_h, t_w) = chw(teacher)?;
+    if s_h == 2 * t_h && s_w == 2 * t_w {
+        Ok(vec![conv(s_c, t_c, 3, 2, true)])
+    } else if 2 * s_h == t_h && 2 * s_w == t_w {
+        Ok(vec![Layer::Upsample2x, conv(s_c, t_c, 3, 1, true)])
+    } else if s_h >= t_h && s_w >= t_w {
+        let kernel = [1 + s_h - t_h, 1 + s_w - t_w];
+        Ok(vec![Layer::Conv { in_channels: s_c, out_channels: t_c, kernel, stride: 1, pad: 0, bias: true }])
+    } else {
+        Err(Error::input(format!(
+            "student tap `{}` ({s_h}x{s_w}) is smaller than teacher tap `{}` ({t_h}x{t_w}) by a factor other than 2; \
+             choose taps of matching resolution with --tap",
+            student.tensor, teacher.tensor
+        )))
+    }
+}

@@ -1,0 +1,289 @@
+//! Reading models (external data resolved into memory) and writing files atomically (temp file, fsync, rename).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use prost::Message;
+
+use super::pb::{self, tensor_proto::DataLocation};
+use crate::error::{Error, Result};
+
+/// A model as read from disk, with every external tensor loaded into `raw_data`.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub proto: pb::ModelProto,
+}
+
+impl LoadedModel {
+    pub fn graph(&self) -> &pb::GraphProto {
+        self.proto.graph.as_ref().expect("load_model guarantees a graph")
+    }
+
+    /// The file name for messages, as the user typed it.
+    pub fn display(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// Protobuf messages larger than this cannot be encoded in one piece (the 2 GB limit, with headroom).
+pub const PROTOBUF_LIMIT: usize = 2_000_000_000;
+/// Initializers at least this large go to the external data file when a model needs one.
+const EXTERNAL_THRESHOLD: usize = 1024;
+
+/// Reads and decodes an ONNX model, following external data relative to the model's folder.
+pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    let shown = path.display();
+    let meta = fs::metadata(path).map_err(|e| {
+        Error::input(format!("cannot read `{shown}`: {}; check the path", io_reason(&e)))
+    })?;
+    if meta.is_dir() {
+        return Err(Error::input(format!(
+            "`{shown}` is a directory, not an ONNX model; pass the .onnx file inside it"
+        )));
+    }
+    let bytes = fs::read(path)
+        .map_err(|e| Error::input(format!("cannot read `{shown}`: {}", io_reason(&e))))?;
+    if bytes.is_empty() {
+        return Err(Error::input(format!(
+            "`{shown}` is empty; export the model again (torch.onnx.export)"
+        )));
+    }
+    let mut proto = pb::ModelProto::decode(bytes.as_slice()).map_err(|e| {
+        Error::input(format!(
+            "`{shown}` is not a readable ONNX model (protobuf decoding failed: {e}); \
+             the file may be truncated or of another format: export it again"
+        ))
+    })?;
+    let graph = match proto.graph.as_mut() {
+        Some(g) if !g.node.is_empty() => g,
+        Some(_) => {
+            return Err(Error::input(format!(
+                "`{shown}` has a graph with no nodes; is it really an exported network?"
+            )))
+        }
+        None => {
+            return Err(Error::input(format!(
+                "`{shown}` holds no graph (not an ONNX model, or an empty one); export the model again"
+            )))
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for tensor in &mut graph.initializer {
+        resolve_external(tensor, dir, &shown.to_string())?;
+    }
+    Ok(LoadedModel { path: path.to_path_buf(), proto })
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+fn is_external(tensor: &pb::TensorProto) -> bool {
+    tensor.data_location == Some(DataLocation::External as i32)
+}
+
+/// Replaces an external tensor's reference by its bytes, checking that the side file exists,
+/// stays inside the model's folder and is long enough.
+fn resolve_external(tensor: &mut pb::TensorProto, dir: &Path, model: &str) -> Result<()> {
+    if !is_external(tensor) {
+        return Ok(());
+    }
+    let entry = |key: &str| tensor.external_data.iter().find(|e| e.key == key).map(|e| e.value.clone());
+    let name = &tensor.name;
+    let location = entry("location").ok_or_else(|| {
+        Error::input(format!("`{model}`: external tensor `{name}` has no location"))
+    })?;
+    let relative = Path::new(&location);
+    if relative.is_absolute()
+        || relative.components().any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
+    {
+        return Err(Error::input(format!(
+            "`{model}`: tensor `{name}` points at external data `{location}` outside the model's folder; \
+             keep the data file next to the model and save it with a relative location"
+        )));
+    }
+    let number = |key: &str| -> Result<Option<u64>> {
+        entry(key)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    Error::input(format!("`{model}`: tensor `{name}` has a bad external-data {key} `{v}`"))
+                })
+            })
+            .transpose()
+    };
+    let offset = number("offset")?.unwrap_or(0);
+    let length = number("length")?;
+    let file = dir.join(relative);
+    let data = fs::read(&file).map_err(|e| {
+        Error::input(format!(
+            "`{model}`: external data file `{}` of tensor `{name}`: {}; copy it next to the model",
+            file.display(),
+            io_reason(&e)
+        ))
+    })?;
+    let expected = expected_bytes(tensor);
+    let length = length.or(expected.map(|e| e as u64)).unwrap_or(data.len() as u64 - offset.min(data.len() as u64));
+    let end = offset.checked_add(length).filter(|&end| end <= data.len() as u64).ok_or_else(|| {
+        Error::input(format!(
+            "`{model}`: external data file `{}` is shorter ({} bytes) than tensor `{name}` needs \
+             (offset {offset} + length {length}); the file is truncated: save the model again",
+            file.display(),
+            data.len()
+        ))
+    })?;
+    if let Some(expected) = expected {
+        if expected as u64 != length {
+            return Err(Error::input(format!(
+                "`{model}`: tensor `{name}` declares {length} bytes of external data but its shape needs {expected}"
+            )));
+        }
+    }
+    tensor.raw_data = data[offset as usize..end as usize].to_vec();
+    tensor.external_data.clear();
+    tensor.data_location = None;
+    Ok(())
+}
+
+/// Bytes a tensor of fixed-size elements needs, from its dims and data type.
+fn expected_bytes(tensor: &pb::TensorProto) -> Option<usize> {
+    use pb::tensor_proto::DataType as T;
+    let size = match T::try_from(tensor.data_type).ok()? {
+        T::Float | T::Int32 | T::Uint32 => 4,
+        T::Double | T::Int64 | T::Uint64 | T::Complex64 => 8,
+        T::Float16 | T::Bfloat16 | T::Int16 | T::Uint16 => 2,
+        T::Int8 | T::Uint8 | T::Bool => 1,
+        _ => return None,
+    };
+    let count: i64 = tensor.dims.iter().product();
+    usize::try_from(count).ok().map(|c| c * size)
+}
+
+/// Refuses an output path that names one of the input models.
+pub fn ensure_not_an_input(output: &Path, inputs: &[&Path]) -> Result<()> {
+    let out = canonical_or_self(output);
+    for input in inputs {
+        if canonical_or_self(input) == out {
+            return Err(Error::usage(format!(
+                "the output `{}` is one of the input models; choose another -o path (kdgraph never overwrites its inputs)",
+                output.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn canonical_or_self(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        match (parent.canonicalize(), path.file_name()) {
+            (Ok(dir), Some(name)) => dir.join(name),
+            _ => path.to_path_buf(),
+        }
+    })
+}
+
+/// Files that are written together: each goes to a temporary file first, and all are renamed
+/// into place only once every one of them is complete and synced.
+#[derive(Default)]
+pub struct AtomicWrite {
+    staged: Vec<(PathBuf, PathBuf)>,
+}
+
+impl AtomicWrite {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes `bytes` to a temporary file beside `path` and syncs it.
+    pub fn stage(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(Error::usage(format!(
+                "cannot write `{}`: the folder `{}` does not exist; create it first",
+                path.display(),
+                dir.display()
+            )));
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let temp = dir.join(format!(".{name}.kdgraph-{}.tmp", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut file = fs::File::create(&temp)?;
+            file.write_all(bytes)?;
+            file.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&temp);
+            return Err(Error::input(format!("cannot write `{}`: {}", path.display(), io_reason(&e))));
+        }
+        self.staged.push((temp, path.to_path_buf()));
+        Ok(())
+    }
+
+    /// Moves every staged file into place.
+    pub fn commit(mut self) -> Result<()> {
+        for (temp, path) in std::mem::take(&mut self.staged) {
+            fs::rename(&temp, &path).map_err(|e| {
+                let _ = fs::remove_file(&temp);
+                Error::input(format!("cannot write `{}`: {}", path.display(), io_reason(&e)))
+            })?;
+        }
+        if let Some(dir) = self.staged.first().and_then(|(_, p)| p.parent()) {
+            if let Ok(d) = fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicWrite {
+    fn drop(&mut self) {
+        for (temp, _) in &self.staged {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}
+
+/// Encodes a model for `path`; when it would pass the protobuf limit, moves its large
+/// initializers to `<file>.data` beside it and returns that side file too.
+pub fn encode_model(mut proto: pb::ModelProto, path: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut files = Vec::new();
+    if proto.encoded_len() > PROTOBUF_LIMIT {
+        let data_name = format!(
+            "{}.data",
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        );
+        let mut data = Vec::new();
+        if let Some(graph) = proto.graph.as_mut() {
+            for tensor in &mut graph.initializer {
+                if tensor.raw_data.len() >= EXTERNAL_THRESHOLD {
+                    let offset = data.len();
+                    data.extend_from_slice(&tensor.raw_data);
+                    let entry = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+                    tensor.external_data = vec![
+                        entry("location", data_name.clone()),
+                        entry("offset", offset.to_string()),
+                        entry("length", tensor.raw_data.len().to_string()),
+                    ];
+                    tensor.data_location = Some(DataLocation::External as i32);
+                    tensor.raw_data = Vec::new();
+                }
+            }
+        }
+        if proto.encoded_len() > PROTOBUF_LIMIT {
+            return Err(Error::input(format!(
+                "`{}` would exceed the 2 GB protobuf limit even with its weights in external data",
+                path.display()
+            )));
+        }
+        files.push((path.with_file_name(data_name), data));
+    }
+    files.insert(0, (path.to_path_buf(), proto.encode_to_vec()));
+    Ok(files)
+}

@@ -1,0 +1,7 @@
+//! ONNX model I/O and edits on the protobuf types that tract-onnx ships (`tract_onnx::pb`).
+
+pub mod io;
+pub mod normalize;
+pub mod proto;
+
+pub use tract_onnx::pb;

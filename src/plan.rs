@@ -1,0 +1,322 @@
+//! Pairing teacher and student taps for the chosen methods: a plain value that the dry-run report
+//! renders and the graph builder consumes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+use crate::analysis::shapes::fixed;
+use crate::analysis::{show_shape, ModelAnalysis, Stage, TensorInfo};
+use crate::error::{Error, Result};
+use crate::methods::{registry, Connector, MethodName, Side, TapKind};
+use crate::suggest::nearest;
+
+/// What the user asked for, before any model is looked at.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    pub methods: Vec<MethodName>,
+    /// `--tap TEACHER=STUDENT` pairs that replace the automatic pairing of feature methods.
+    pub taps: Vec<(String, String)>,
+    pub gamma: Option<f64>,
+    pub alpha: Option<f64>,
+    /// `--beta B` (None: every method) or `--beta METHOD=B`.
+    pub betas: Vec<(Option<MethodName>, f64)>,
+    pub temperature: f64,
+}
+
+/// The weights of the total loss `gamma * CE + alpha * KD_T + sum beta_m * L_m`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hyper {
+    pub gamma: f64,
+    pub alpha: f64,
+    pub temperature: f64,
+    pub beta: BTreeMap<MethodName, f64>,
+}
+
+/// Adaptive average pooling of the larger map of a pair down to the smaller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub side: Side,
+    pub from: (i64, i64),
+    pub to: (i64, i64),
+}
+
+impl fmt::Display for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}x{} -> {}x{}", self.side, self.from.0, self.from.1, self.to.0, self.to.1)
+    }
+}
+
+impl Serialize for Pool {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One teacher tensor compared with one student tensor by one method.
+#[derive(Debug, Clone, Serialize)]
+pub struct TapPair {
+    pub method: MethodName,
+    pub stage: String,
+    pub teacher: TensorInfo,
+    pub student: TensorInfo,
+    pub pool: Option<Pool>,
+    /// The connectors in words (None when there are none), for people and the JSON report.
+    pub connector: Option<String>,
+    #[serde(skip)]
+    pub connectors: Vec<Connector>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub methods: Vec<MethodName>,
+    pub hyper: Hyper,
+    pub pairs: Vec<TapPair>,
+    pub notes: Vec<String>,
+    pub warnings: Vec<String>,
+    #[serde(skip)]
+    pub teacher: ModelAnalysis,
+    #[serde(skip)]
+    pub student: ModelAnalysis,
+}
+
+/// Pairs the taps of two analysed models for the chosen methods.
+pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOptions) -> Result<Plan> {
+    let mut methods = options.methods.clone();
+    if methods.is_empty() {
+        return Err(Error::usage("choose at least one --method (kd, fitnet, at, sp, cc, vid, rkd, pkt, ab, ft, fsp, nst, crd, ofd)"));
+    }
+    methods.dedup();
+    let hyper = hyper_parameters(&methods, options)?;
+    let mut notes = Vec::new();
+    if hyper.alpha > 0.0 && !methods.contains(&MethodName::Kd) {
+        methods.insert(0, MethodName::Kd);
+        notes.push(format!("--alpha {} adds the KD term on the logits", hyper.alpha));
+    }
+    check_inputs(&teacher, &student)?;
+    if teacher.inputs.iter().map(|i| &i.name).ne(student.inputs.iter().map(|i| &i.name)) {
+        notes.push("teacher and student name their inputs differently: the teacher reads the student's inputs".into());
+    }
+    let mut warnings = Vec::new();
+    if student.batchnorms == 0 {
+        warnings.push(format!(
+            "student `{}` has no BatchNormalization: its BatchNorms were folded away at export, so it would train \
+             without normalisation; re-export it in training mode: torch.onnx.export(model.train(), ..., \
+             training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)",
+            student.model
+        ));
+    }
+    let overrides = resolve_taps(&teacher, &student, &options.taps)?;
+    let mut pairs = Vec::new();
+    for &method in &methods {
+        let spec = registry(method);
+        let candidates = match (&overrides, spec.taps()) {
+            (_, TapKind::Logits) => vec![logits_pair(&teacher, &student)?],
+            (Some(given), _) => given.clone(),
+            (None, kind) => automatic_pairs(&teacher, &student, kind, method, &mut notes)?,
+        };
+        for (stage, t, s) in candidates {
+            let connectors = spec.connectors(&t, &s)?;
+            let pool = if spec.pools() { pool_for(&t, &s) } else { None };
+            let connector = (!connectors.is_empty())
+                .then(|| connectors.iter().map(Connector::to_string).collect::<Vec<_>>().join("; "));
+            pairs.push(TapPair { method, stage, teacher: t, student: s, pool, connector, connectors });
+        }
+    }
+    Ok(Plan { methods, hyper, pairs, notes, warnings, teacher, student })
+}
+
+fn hyper_parameters(methods: &[MethodName], options: &PlanOptions) -> Result<Hyper> {
+    let base = registry(if methods.contains(&MethodName::Kd) { MethodName::Kd } else { methods[0] }).weights();
+    let gamma = options.gamma.unwrap_or(base.gamma);
+    let alpha = options.alpha.unwrap_or(base.alpha);
+    let feature_methods: Vec<MethodName> = methods.iter().copied().filter(|m| *m != MethodName::Kd).collect();
+    let mut beta: BTreeMap<MethodName, f64> =
+        feature_methods.iter().map(|&m| (m, registry(m).weights().beta)).collect();
+    for &(method, value) in &options.betas {
+        match method {
+            Some(m) if !beta.contains_key(&m) => {
+                return Err(Error::usage(format!("--beta {m}={value}: {m} is not among the chosen feature methods")))
+            }
+            Some(m) => {
+                beta.insert(m, value);
+            }
+            None if feature_methods.len() > 1 => {
+                return Err(Error::usage(format!(
+                    "--beta {value} is ambiguous with several methods; say which: --beta {}={value}",
+                    feature_methods[0]
+                )))
+            }
+            None => beta.values_mut().for_each(|b| *b = value),
+        }
+    }
+    for (name, value) in [("--gamma", gamma), ("--alpha", alpha)].into_iter().chain(beta.values().map(|&b| ("--beta", b))) {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(Error::usage(format!("{name} must be a finite number >= 0, not {value}")));
+        }
+    }
+    if !(options.temperature.is_finite() && options.temperature > 0.0) {
+        return Err(Error::usage(format!("-T (the KD temperature) must be > 0, not {}", options.temperature)));
+    }
+    Ok(Hyper { gamma, alpha, temperature: options.temperature, beta })
+}
+
+fn check_inputs(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<()> {
+    if teacher.inputs.len() != student.inputs.len() {
+        return Err(Error::input(format!(
+            "teacher `{}` has {} inputs and student `{}` has {}; both must read the same images",
+            teacher.model,
+            teacher.inputs.len(),
+            student.model,
+            student.inputs.len()
+        )));
+    }
+    for (t, s) in teacher.inputs.iter().zip(&student.inputs) {
+        let compatible = t.shape.len() == s.shape.len()
+            && t.shape.iter().zip(&s.shape).all(|(a, b)| match (fixed(a), fixed(b)) {
+                (Some(x), Some(y)) => x == y,
+                _ => true,
+            });
+        if !compatible {
+            return Err(Error::input(format!(
+                "teacher input `{}` {} and student input `{}` {} differ in shape; export both at the same input size",
+                t.name,
+                show_shape(&t.shape),
+                s.name,
+                show_shape(&s.shape)
+            )));
+        }
+    }
+    Ok(())
+}
+
+type Candidate = (String, TensorInfo, TensorInfo);
+
+fn logits_pair(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<Candidate> {
+    if teacher.class_count() != student.class_count() {
+        return Err(Error::input(format!(
+            "KD compares logits, but teacher `{}` has {} classes and student `{}` has {}; \
+             use a feature method, or a student with the teacher's classes",
+            teacher.model,
+            show_count(teacher.class_count()),
+            student.model,
+            show_count(student.class_count())
+        )));
+    }
+    Ok(("logits".into(), teacher.logits.clone(), student.logits.clone()))
+}
+
+fn show_count(count: Option<i64>) -> String {
+    count.map(|c| c.to_string()).unwrap_or_else(|| "an unknown number of".into())
+}
+
+fn automatic_pairs(
+    teacher: &ModelAnalysis,
+    student: &ModelAnalysis,
+    kind: TapKind,
+    method: MethodName,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Candidate>> {
+    let post = |s: &Stage| s.info();
+    let pre = |s: &Stage| s.pre_relu_info().unwrap_or_else(|| s.info());
+    let (t_stages, s_stages, pick): (&[Stage], &[Stage], &dyn Fn(&Stage) -> TensorInfo) = match kind {
+        TapKind::Logits => unreachable!("logits are paired before"),
+        TapKind::Embedding => {
+            return Ok(vec![("embedding".into(), teacher.embedding.clone(), student.embedding.clone())])
+        }
+        TapKind::Hint(i) => {
+            let (t, s) = (teacher.stages.get(i), student.stages.get(i));
+            let (Some(t), Some(s)) = (t, s) else {
+                return Err(Error::input(format!(
+                    "{method} taps spatial map {i} (feat[{i}]) but teacher `{}` has {} and student `{}` has {}; \
+                     choose the hint with --tap",
+                    teacher.model,
+                    teacher.stages.len(),
+                    student.model,
+                    student.stages.len()
+                )));
+            };
+            return Ok(vec![(s.name.clone(), t.info(), s.info())]);
+        }
+        TapKind::LastSpatial => {
+            let (t, s) = (last(teacher), last(student));
+            return Ok(vec![(s.name.clone(), t.info(), s.info())]);
+        }
+        TapKind::StageEnds => (stages_after_stem(teacher), stages_after_stem(student), &post),
+        TapKind::StageEndsPreRelu => {
+            for model in [teacher, student] {
+                for stage in stages_after_stem(model).iter().filter(|s| s.pre_relu.is_none()) {
+                    notes.push(format!(
+                        "{method}: {} of `{}` has no ReLU at its end (no pre-ReLU tap); its output is used as it is",
+                        stage.name, model.model
+                    ));
+                }
+            }
+            (stages_after_stem(teacher), stages_after_stem(student), &pre)
+        }
+        TapKind::AllSpatial => (teacher.stages.as_slice(), student.stages.as_slice(), &post),
+    };
+    let n = t_stages.len().min(s_stages.len());
+    if n == 0 {
+        return Err(Error::input(format!("{method} needs stage ends, but one of the models has none after its stem")));
+    }
+    if t_stages.len() != s_stages.len() {
+        notes.push(format!(
+            "{method}: teacher has {} maps and student {}: paired from the last backwards, so the first {} of the {} are unused",
+            t_stages.len(),
+            s_stages.len(),
+            t_stages.len().abs_diff(s_stages.len()),
+            if t_stages.len() > s_stages.len() { "teacher" } else { "student" }
+        ));
+    }
+    let (t_tail, s_tail) = (&t_stages[t_stages.len() - n..], &s_stages[s_stages.len() - n..]);
+    Ok(t_tail.iter().zip(s_tail).map(|(t, s)| (s.name.clone(), pick(t), pick(s))).collect())
+}
+
+fn last(model: &ModelAnalysis) -> &Stage {
+    model.stages.last().expect("analysis guarantees at least one spatial map")
+}
+
+fn stages_after_stem(model: &ModelAnalysis) -> &[Stage] {
+    &model.stages[1.min(model.stages.len())..]
+}
+
+fn pool_for(teacher: &TensorInfo, student: &TensorInfo) -> Option<Pool> {
+    let size = |i: &TensorInfo| match i.shape.as_slice() {
+        [_, _, h, w] => Some((fixed(h)?, fixed(w)?)),
+        _ => None,
+    };
+    let (t, s) = (size(teacher)?, size(student)?);
+    match t.0.cmp(&s.0) {
+        std::cmp::Ordering::Greater => Some(Pool { side: Side::Teacher, from: t, to: s }),
+        std::cmp::Ordering::Less => Some(Pool { side: Side::Student, from: s, to: t }),
+        std::cmp::Ordering::Equal => None,
+    }
+}
+
+/// Checks `--tap` names against both models and turns them into pairs.
+fn resolve_taps(
+    teacher: &ModelAnalysis,
+    student: &ModelAnalysis,
+    taps: &[(String, String)],
+) -> Result<Option<Vec<Candidate>>> {
+    if taps.is_empty() {
+        return Ok(None);
+    }
+    let find = |model: &ModelAnalysis, role: &str, name: &str| -> Result<TensorInfo> {
+        model.info(name).ok_or_else(|| {
+            let close = nearest(name, model.shapes.keys().map(String::as_str), 3);
+            Error::usage(format!(
+                "--tap: {role} `{}` has no tensor `{name}`; nearest names: {}",
+                model.model,
+                close.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+            ))
+        })
+    };
+    taps.iter()
+        .enumerate()
+        .map(|(i, (t, s))| Ok((format!("tap{}", i + 1), find(teacher, "teacher", t)?, find(student, "student", s)?)))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
