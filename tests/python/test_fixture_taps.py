@@ -1,0 +1,182 @@
+"""Checks `kdgraph inspect`'s taps on every fixture architecture against the PyTorch models' feats."""
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "fixtures"
+CACHE = Path(__file__).resolve().parent / ".cache" / "fixtures"
+# (rtol, atol) by export mode. The references are computed in float64. With batch-statistics
+# BN, rounding errors grow through the depth: on resnet56 and mobile_half, float32 PyTorch
+# itself strays from float64 by up to 0.7e-4 * (1 + |x|), hence the looser train tolerance
+# (a wrong tap differs by O(1)).
+TOLERANCE = {"eval": (1e-4, 1e-4), "train": (1e-3, 1e-3)}
+
+
+def _load_make_fixtures():
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mf = _load_make_fixtures()
+
+# Whether each entry of `stages` (stem first) ends in a ReLU, by architecture family.
+# True: pre_relu must name the ReLU's input; False: pre_relu must be null; None: either, and
+# a reported tensor must hold the model's preact feat. ShuffleV2's stage ends are channel
+# shuffles of concat(x1, ReLU(..)); the reference's pre-ReLU feat is an unshuffled concat
+# that the graph does not contain.
+RELU_AT_STAGE_END = {
+    "resnet": [True, True, True, True],
+    "wrn": [False, False, False, False],
+    "vgg": [True, True, True, True, True],
+    "mobile_half": [True, False, False, False, False],
+    "ShuffleV2": [True, None, None, None],
+}
+
+
+def relu_at_stage_end(name):
+    family = next(f for f in RELU_AT_STAGE_END if name.startswith(f))
+    return RELU_AT_STAGE_END[family]
+
+
+def kdgraph_bin():
+    candidates = [os.environ.get("KDGRAPH_BIN")] + [
+        ROOT / "target" / profile / "kdgraph" for profile in ("release", "debug")
+    ]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c)
+    pytest.skip("kdgraph binary not found: set KDGRAPH_BIN or run `cargo build --release`")
+
+
+def fixture_path(name, mode):
+    """The committed file where there is one, else an export cached by make_fixtures' hash."""
+    for committed_name, committed_mode, file in mf.COMMITTED:
+        if (committed_name, committed_mode) == (name, mode):
+            return FIXTURES / file
+    digest = hashlib.sha256((FIXTURES / "make_fixtures.py").read_bytes()).hexdigest()[:12]
+    if not (CACHE / digest).exists():
+        shutil.rmtree(CACHE, ignore_errors=True)  # exports of older versions of the script
+    path = CACHE / digest / mode / f"{name}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        mf.export(mf.build(name), partial, mode)
+        partial.replace(path)
+    return path
+
+
+def inspect(path):
+    result = subprocess.run(
+        [str(kdgraph_bin()), "inspect", str(path), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, f"kdgraph inspect failed:\n{result.stderr}"
+    assert result.stdout.strip(), f"kdgraph inspect printed nothing:\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def run_with_outputs(path, names, x):
+    """Runs the model in onnxruntime with `names` added as graph outputs; returns {name: array}."""
+    model = onnx.load(str(path))
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            present.add(name)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(list(names), {"input": x})
+    return dict(zip(names, outputs))
+
+
+def torch_feats(name, mode, x):
+    """(post-ReLU feats, preact feats, logits) of the PyTorch model in float64.
+
+    A train-mode model normalises with batch statistics (and updates its running ones, hence
+    the copies).
+    """
+    model = mf.build(name).double()
+    model.train(mode == "train")
+    x = torch.from_numpy(x).double()
+    with torch.no_grad():
+        post, logits = copy.deepcopy(model)(x, is_feat=True)
+        pre, _ = copy.deepcopy(model)(x, is_feat=True, preact=True)
+        if mode == "eval" and name.startswith("wrn"):
+            # The stem's only reader is the first block's BN, which the eval export folds into
+            # the stem conv: the graph's stem tensor is that BN's output, f0 itself is not there.
+            post[0] = pre[0] = model.block1.layer[0].bn1(post[0])
+    return [f.numpy() for f in post], [f.numpy() for f in pre], logits.numpy()
+
+
+def check_tensor(what, shape, got, want, batch, mode):
+    assert shape[0] == batch, f"{what}: batch dim {shape[0]!r}, expected the input's {batch!r}"
+    assert list(shape[1:]) == list(want.shape[1:]), f"{what}: shape {shape} vs torch {list(want.shape)}"
+    assert got.shape == want.shape, f"{what}: onnxruntime shape {got.shape} vs torch {want.shape}"
+    rtol, atol = TOLERANCE[mode]
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return np.random.RandomState(0).standard_normal((4, *mf.INPUT_SHAPE)).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", mf.MODEL_NAMES)
+def test_taps_match_torch_feats(name, mode, batch):
+    path = fixture_path(name, mode)
+    info = inspect(path)
+    post, pre, logits = torch_feats(name, mode, batch)
+
+    assert [i["name"] for i in info["inputs"]] == ["input"]
+    input_shape = info["inputs"][0]["shape"]
+    assert isinstance(input_shape[0], str), f"input batch dim should be symbolic: {input_shape}"
+    assert input_shape[1:] == list(mf.INPUT_SHAPE)
+    n = input_shape[0]
+
+    stages = info["stages"]
+    assert [s["index"] for s in stages] == list(range(len(post) - 1))
+    names = [s["tensor"] for s in stages] + [s["pre_relu"] for s in stages if s["pre_relu"]]
+    names += [info["embedding"]["tensor"], info["logits"]["tensor"]]
+    got = run_with_outputs(path, names, batch)
+
+    for stage, want_post, want_pre, has_relu in zip(stages, post, pre, relu_at_stage_end(name)):
+        where = f"stage {stage['index']} ({stage['tensor']})"
+        check_tensor(where, stage["shape"], got[stage["tensor"]], want_post, n, mode)
+        if has_relu is True:
+            assert stage["pre_relu"] is not None, f"{where} ends in a ReLU: pre_relu expected"
+        elif has_relu is False:
+            assert stage["pre_relu"] is None, f"{where} has no ReLU at its end: pre_relu must be null"
+        if stage["pre_relu"]:
+            # A tap's pre-ReLU tensor has the tap's shape.
+            check_tensor(f"{where} pre_relu ({stage['pre_relu']})", stage["shape"],
+                         got[stage["pre_relu"]], want_pre, n, mode)
+    emb = info["embedding"]
+    check_tensor(f"embedding ({emb['tensor']})", emb["shape"], got[emb["tensor"]], post[-1], n, mode)
+    out = info["logits"]
+    assert out["tensor"] == "logits"
+    check_tensor("logits", out["shape"], got["logits"], logits, n, mode)
+
+
+@pytest.mark.parametrize("name, mode, file", mf.COMMITTED, ids=[c[2] for c in mf.COMMITTED])
+def test_committed_fixture_is_current(name, mode, file, tmp_path):
+    """The committed file is byte for byte what make_fixtures.py writes today."""
+    fresh = tmp_path / file
+    mf.export(mf.build(name), fresh, mode)
+    assert fresh.read_bytes() == (FIXTURES / file).read_bytes(), (
+        f"fixtures/{file} is stale: rerun `python fixtures/make_fixtures.py`"
+    )
