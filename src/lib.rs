@@ -4,7 +4,9 @@
 //! [`plan`](plan::plan) the pairs for the chosen methods, and render the plan with [`report`].
 
 pub mod analysis;
+pub mod check;
 pub mod error;
+pub mod joint;
 pub mod methods;
 pub mod onnx;
 pub mod plan;
@@ -41,9 +43,51 @@ pub fn inspect(path: &Path) -> Result<ModelAnalysis> {
     analysis::analyse(&prepared.loaded.proto, &prepared.loaded.display())
 }
 
-/// Analyses both models and pairs their taps.
-pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Result<Plan> {
-    let teacher = inspect(teacher)?;
-    let student = inspect(student)?;
-    plan::plan(teacher, student, options)
+/// Both models, loaded, and the plan that pairs their taps.
+pub struct Merge {
+    pub teacher: PreparedModel,
+    pub student: PreparedModel,
+    pub plan: Plan,
+}
+
+/// Loads and analyses both models and pairs their taps (what a dry run shows).
+pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Result<Merge> {
+    let teacher = load(teacher)?;
+    let student = load(student)?;
+    let t = analysis::analyse(&teacher.loaded.proto, &teacher.loaded.display())?;
+    let s = analysis::analyse(&student.loaded.proto, &student.loaded.display())?;
+    let plan = plan::plan(t, s, options)?;
+    Ok(Merge { teacher, student, plan })
+}
+
+/// Writes the joint graph and its sidecar `<output>.json` together (atomically), after tract has
+/// run the graph (unless `check_batch` is None). Returns the loss terms of that run.
+pub fn write_joint(merge: Merge, output: &Path, check_batch: Option<usize>) -> Result<Vec<check::Term>> {
+    onnx::io::ensure_not_an_input(output, &[&merge.teacher.loaded.path, &merge.student.loaded.path])?;
+    let file_name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let joint = joint::assemble(merge.teacher, merge.student, &merge.plan, &file_name)?;
+    let terms = match check_batch {
+        Some(batch) => check::run_losses(&joint.model, batch, &output.display().to_string())?,
+        None => Vec::new(),
+    };
+    let sidecar_path = sidecar_path(output);
+    let mut write = onnx::io::AtomicWrite::new();
+    for (path, bytes) in onnx::io::encode_model(joint.model, output)? {
+        write.stage(&path, &bytes)?;
+    }
+    let sidecar = serde_json::to_string_pretty(&joint.sidecar).expect("a sidecar always serialises");
+    write.stage(&sidecar_path, sidecar.as_bytes())?;
+    write.commit()?;
+    Ok(terms)
+}
+
+/// `joint.onnx` -> `joint.json`.
+pub fn sidecar_path(output: &Path) -> std::path::PathBuf {
+    output.with_extension("json")
+}
+
+/// Loads a joint graph and runs it with tract at batch size `batch`.
+pub fn check_joint(path: &Path, batch: usize) -> Result<Vec<check::Term>> {
+    let model = load_model(path)?;
+    check::run_losses(&model.proto, batch, &model.display())
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use kdgraph::check::Term;
 use kdgraph::{report, Error, MethodName, PlanOptions, Result};
 
 #[derive(Parser)]
@@ -24,8 +25,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Pair the teacher's and the student's taps for the chosen methods.
+    /// Pair the teacher's and the student's taps and write the joint training graph.
     Merge(MergeArgs),
+    /// Run a joint graph with tract on seeded inputs and print every loss term.
+    Check {
+        /// The joint graph written by `kdgraph merge`.
+        joint: PathBuf,
+        /// Batch size of the run.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -37,9 +46,18 @@ struct MergeArgs {
     /// Distillation method; repeat to combine several.
     #[arg(long = "method", short = 'm', value_enum, required = true)]
     methods: Vec<MethodName>,
+    /// The joint graph to write; its sidecar goes beside it with the extension .json.
+    #[arg(short = 'o', long, default_value = "joint.onnx")]
+    output: PathBuf,
     /// Show the plan (which tensors are paired, pools, connectors, weights) and write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Do not run the written graph with tract before writing it.
+    #[arg(long)]
+    no_check: bool,
+    /// Batch size of the tract check.
+    #[arg(long, default_value_t = 4)]
+    check_batch: usize,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -101,7 +119,23 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Merge(args) => merge(args),
+        Command::Check { joint, batch } => {
+            if batch == 0 {
+                return Err(Error::usage("--batch must be at least 1"));
+            }
+            let terms = kdgraph::check_joint(&joint, batch)?;
+            print!("{}", show_terms(&joint.display().to_string(), batch, &terms));
+            Ok(())
+        }
     }
+}
+
+fn show_terms(model: &str, batch: usize, terms: &[Term]) -> String {
+    let mut out = format!("tract run of {model} at batch {batch}:\n");
+    for term in terms {
+        out += &format!("  {:<12} {}\n", term.name, term.value);
+    }
+    out
 }
 
 fn merge(args: MergeArgs) -> Result<()> {
@@ -113,15 +147,35 @@ fn merge(args: MergeArgs) -> Result<()> {
         betas: args.beta,
         temperature: args.temperature,
     };
-    let plan = kdgraph::plan_merge(&args.teacher, &args.student, &options)?;
+    if args.check_batch == 0 {
+        return Err(Error::usage("--check-batch must be at least 1"));
+    }
+    let merge = kdgraph::plan_merge(&args.teacher, &args.student, &options)?;
     if let Some(dot) = &args.dot {
         let mut write = kdgraph::onnx::io::AtomicWrite::new();
-        write.stage(dot, report::plan_dot(&plan).as_bytes())?;
+        write.stage(dot, report::plan_dot(&merge.plan).as_bytes())?;
         write.commit()?;
     }
-    print!("{}", if args.json { report::plan_json(&plan) + "\n" } else { report::plan_text(&plan) });
-    if !args.dry_run {
-        return Err(Error::usage("writing the joint graph is not available yet; run with --dry-run"));
+    if args.dry_run {
+        print!("{}", if args.json { report::plan_json(&merge.plan) + "\n" } else { report::plan_text(&merge.plan) });
+        return Ok(());
+    }
+    if !args.json {
+        print!("{}", report::plan_text(&merge.plan));
+    }
+    let check = (!args.no_check).then_some(args.check_batch);
+    let terms = kdgraph::write_joint(merge, &args.output, check)?;
+    let sidecar = kdgraph::sidecar_path(&args.output);
+    if args.json {
+        let summary = serde_json::json!({
+            "output": args.output, "sidecar": sidecar, "check_batch": check, "check": terms,
+        });
+        println!("{}", serde_json::to_string_pretty(&summary).expect("a summary always serialises"));
+    } else {
+        if check.is_some() {
+            print!("{}", show_terms(&args.output.display().to_string(), args.check_batch, &terms));
+        }
+        println!("wrote {} and {}", args.output.display(), sidecar.display());
     }
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! AT (attention transfer, p = 2): normalised spatial attention maps of every stage end.
 
 use super::{Method, TapKind, Weights};
+use super::{LossContext, Side};
+use crate::error::Result;
+use crate::plan::TapPair;
 
 pub struct At;
 
@@ -19,5 +22,23 @@ impl Method for At {
 
     fn pools(&self) -> bool {
         true
+    }
+
+    /// Sum over pairs of the mean squared difference of normalised attention maps.
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+        let mut terms = Vec::new();
+        for pair in pairs {
+            let mut maps = Vec::new();
+            for side in [Side::Student, Side::Teacher] {
+                let f = ctx.tap(pair, side);
+                let base = ctx.name(&format!("{}/{side}_attention", pair.stage));
+                let squared = ctx.b.square(&f, &format!("{base}/squared"));
+                let channel_mean = ctx.b.reduce_mean(&squared, &[1], &format!("{base}/channel_mean"));
+                let flat = ctx.b.op("Flatten", &[&channel_mean], vec![], &format!("{base}/flat"));
+                maps.push(ctx.b.l2_normalize(&flat, 1, &base));
+            }
+            terms.push(ctx.b.mse(&maps[0], &maps[1], &ctx.name(&format!("{}/mse", pair.stage))));
+        }
+        Ok(ctx.b.sum_of(&terms, &ctx.name("term")))
     }
 }

@@ -28,8 +28,8 @@ impl fmt::Display for Side {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Layer {
     Conv { in_channels: i64, out_channels: i64, kernel: [i64; 2], stride: i64, pad: i64, bias: bool },
-    /// Nearest-neighbour upsampling by 2 (followed by a conv, in place of a transposed conv).
-    Upsample2x,
+    /// Nearest-neighbour upsampling by 2 of a C x H x W map (then a conv, in place of a transposed conv).
+    Upsample2x { channels: i64, height: i64, width: i64 },
     BatchNorm { channels: i64 },
     Relu,
     LeakyRelu { slope: f64 },
@@ -48,7 +48,7 @@ impl fmt::Display for Layer {
                 }
                 write!(f, " {in_channels}->{out_channels}")
             }
-            Layer::Upsample2x => f.write_str("upsample x2"),
+            Layer::Upsample2x { .. } => f.write_str("upsample x2 (nearest)"),
             Layer::BatchNorm { .. } => f.write_str("BN"),
             Layer::Relu => f.write_str("ReLU"),
             Layer::LeakyRelu { .. } => f.write_str("LeakyReLU"),
@@ -64,6 +64,18 @@ pub struct Connector {
     pub name: &'static str,
     pub side: Side,
     pub layers: Vec<Layer>,
+}
+
+impl Connector {
+    /// The channels (or features) the connector outputs, where its layers say.
+    pub fn out_channels(&self) -> Option<i64> {
+        self.layers.iter().rev().find_map(|layer| match layer {
+            Layer::Conv { out_channels, .. } => Some(*out_channels),
+            Layer::BatchNorm { channels } => Some(*channels),
+            Layer::Linear { out_features, .. } => Some(*out_features),
+            _ => None,
+        })
+    }
 }
 
 impl fmt::Display for Connector {
@@ -120,7 +132,7 @@ pub fn size_matching_conv(teacher: &TensorInfo, student: &TensorInfo) -> Result<
     if s_h == 2 * t_h && s_w == 2 * t_w {
         Ok(vec![conv(s_c, t_c, 3, 2, true)])
     } else if 2 * s_h == t_h && 2 * s_w == t_w {
-        Ok(vec![Layer::Upsample2x, conv(s_c, t_c, 3, 1, true)])
+        Ok(vec![Layer::Upsample2x { channels: s_c, height: s_h, width: s_w }, conv(s_c, t_c, 3, 1, true)])
     } else if s_h >= t_h && s_w >= t_w {
         let kernel = [1 + s_h - t_h, 1 + s_w - t_w];
         Ok(vec![Layer::Conv { in_channels: s_c, out_channels: t_c, kernel, stride: 1, pad: 0, bias: true }])

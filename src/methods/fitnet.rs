@@ -4,6 +4,8 @@ use super::connector::{chw, size_matching_conv};
 use super::{Connector, Layer, Method, Side, TapKind, Weights};
 use crate::analysis::TensorInfo;
 use crate::error::Result;
+use super::LossContext;
+use crate::plan::TapPair;
 
 pub struct FitNet;
 
@@ -28,5 +30,13 @@ impl Method for FitNet {
         let mut layers = size_matching_conv(teacher, student)?;
         layers.extend([Layer::BatchNorm { channels: t_c }, Layer::Relu]);
         Ok(vec![Connector { name: "regressor", side: Side::Student, layers }])
+    }
+
+    /// Mean squared error between the regressed student map and the teacher map.
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+        let pair = pairs[0];
+        let regressed = ctx.tap(pair, Side::Student);
+        let t = ctx.tap(pair, Side::Teacher);
+        Ok(ctx.b.mse(&regressed, &t, &ctx.name(&format!("{}/mse", pair.stage))))
     }
 }

@@ -19,14 +19,18 @@ mod sp;
 mod vid;
 
 pub mod connector;
+pub mod context;
+mod init;
 
 use std::fmt;
 
 use serde::Serialize;
 
 pub use connector::{Connector, Layer, Side};
+pub use context::{LossContext, TEACHER_PREFIX};
 use crate::analysis::TensorInfo;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::plan::TapPair;
 
 /// The method names a user types, lower case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -117,6 +121,13 @@ pub trait Method: Sync {
     /// The trainable parts inserted for one pair.
     fn connectors(&self, _teacher: &TensorInfo, _student: &TensorInfo) -> Result<Vec<Connector>> {
         Ok(Vec::new())
+    }
+    /// Adds the method's unweighted loss term (METHODS.md) over its pairs; returns the scalar tensor.
+    fn build(&self, _ctx: &mut LossContext, _pairs: &[&TapPair]) -> Result<String> {
+        Err(Error::usage(format!(
+            "merging with {} is not implemented yet (its dry run is); see the README for the methods merge supports",
+            self.id()
+        )))
     }
 }
 

@@ -1,6 +1,9 @@
 //! SP (similarity preserving): batch similarity matrices of the last spatial map.
 
 use super::{Method, TapKind, Weights};
+use super::{LossContext, Side};
+use crate::error::Result;
+use crate::plan::TapPair;
 
 pub struct Sp;
 
@@ -15,5 +18,19 @@ impl Method for Sp {
 
     fn weights(&self) -> Weights {
         Weights { gamma: 1.0, alpha: 0.0, beta: 3000.0 }
+    }
+
+    /// `sum((N(G_t) - N(G_s))^2) / B^2` with `G = Q Q^T` of the flattened maps.
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+        let pair = pairs[0];
+        let mut grams = Vec::new();
+        for side in [Side::Student, Side::Teacher] {
+            let f = ctx.tap(pair, side);
+            let base = ctx.name(&format!("{}/{side}_similarity", pair.stage));
+            let flat = ctx.b.op("Flatten", &[&f], vec![], &format!("{base}/flat"));
+            let gram = ctx.b.batch_gram(&flat, &format!("{base}/gram"));
+            grams.push(ctx.b.l2_normalize(&gram, 1, &base));
+        }
+        Ok(ctx.b.mse(&grams[1], &grams[0], &ctx.name("term")))
     }
 }

@@ -1,5 +1,8 @@
 //! ONNX model I/O and edits on the protobuf types that tract-onnx ships (`tract_onnx::pb`).
 
+pub mod blocks;
+pub mod builder;
+pub mod edit;
 pub mod io;
 pub mod normalize;
 pub mod proto;

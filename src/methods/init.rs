@@ -1,0 +1,48 @@
+//! Deterministic parameter initialisation: each parameter's values follow from its name alone, so
+//! a merge writes the same bytes every time.
+
+/// A SplitMix64 stream seeded by the FNV-1a hash of a name.
+pub struct Stream(u64);
+
+impl Stream {
+    pub fn for_name(name: &str) -> Self {
+        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        Stream(hash)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// `count` values uniform in [-bound, bound].
+    pub fn uniform(&mut self, count: usize, bound: f64) -> Vec<f32> {
+        (0..count).map(|_| ((self.unit() * 2.0 - 1.0) * bound) as f32).collect()
+    }
+}
+
+/// PyTorch's default for Conv2d and Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+pub fn torch_default(name: &str, count: usize, fan_in: i64) -> Vec<f32> {
+    Stream::for_name(name).uniform(count, 1.0 / (fan_in as f64).sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_name_same_values_and_within_bounds() {
+        let a = torch_default("kd/at/w", 1000, 16);
+        assert_eq!(a, torch_default("kd/at/w", 1000, 16));
+        assert!(a.iter().all(|v| v.abs() <= 0.25));
+        assert_ne!(a, torch_default("kd/at/v", 1000, 16));
+    }
+}
