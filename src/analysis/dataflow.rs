@@ -22,6 +22,7 @@ pub struct Dataflow<'a> {
     producer: HashMap<&'a str, usize>,
     /// The node indices that read each data tensor.
     consumers: HashMap<&'a str, Vec<usize>>,
+    initializers: HashSet<&'a str>,
 }
 
 impl<'a> Dataflow<'a> {
@@ -53,11 +54,15 @@ impl<'a> Dataflow<'a> {
                 }
             }
         }
-        Dataflow { graph, flow, data, producer, consumers }
+        Dataflow { graph, flow, data, producer, consumers, initializers }
     }
 
     pub fn producer(&self, tensor: &str) -> Option<&'a pb::NodeProto> {
         self.producer.get(tensor).map(|&i| &self.graph.node[i])
+    }
+
+    pub fn is_initializer(&self, tensor: &str) -> bool {
+        self.initializers.contains(tensor)
     }
 
     pub fn is_data(&self, tensor: &str) -> bool {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::dataflow::Dataflow;
-use super::scopes::top_level_scope;
+use super::scopes::scope;
 use super::shapes::{fixed, Shape};
 use crate::error::{Error, Result};
 use crate::onnx::{pb, proto};
@@ -69,21 +69,27 @@ pub fn find_taps(flow: &Dataflow, shapes: &HashMap<String, Shape>, logits: &str,
     }
     let groups = group_by_resolution(&spatial_cuts, shapes);
     let mut notes = Vec::new();
-    let mut spatial: Vec<String> = groups.iter().map(|g| g.last().expect("groups are not empty").to_string()).collect();
-
-    let last_group = groups.last().expect("at least one group");
-    if let Some(stage_end) = before_head(flow, last_group) {
-        notes.push(format!(
-            "the head after `{stage_end}` (1x1 conv or final BN/activation before pooling) is not a stage"
-        ));
-        *spatial.last_mut().expect("at least one stage") = stage_end.to_string();
+    let last_group = groups.len() - 1;
+    let mut spatial: Vec<String> = Vec::with_capacity(groups.len() + 1);
+    for (index, group) in groups.iter().enumerate() {
+        let end = group.last().expect("groups are not empty");
+        match before_trailing_unit(flow, group) {
+            Some(stage_end) => {
+                notes.push(if index == last_group {
+                    format!("the head after `{stage_end}` (1x1 conv or final BN/activation before pooling) is not a stage")
+                } else {
+                    format!("`{end}` opens the next stage (pre-activation or expansion before the stride); the stage ends at `{stage_end}`")
+                });
+                spatial.push(stage_end.to_string());
+            }
+            None => spatial.push(end.to_string()),
+        }
     }
 
-    let first_group = &groups[0];
-    if let Some(stem) = first_unit_end(flow, first_group) {
-        let first_stage = first_group.last().expect("groups are not empty");
-        if stem != *first_stage {
-            if told_apart(flow, shapes, stem, first_stage) {
+    let first_stage = spatial[0].clone();
+    if let Some(stem) = first_unit_end(flow, &groups[0], &first_stage) {
+        if stem != first_stage {
+            if told_apart(flow, shapes, stem, &first_stage) {
                 spatial.insert(0, stem.to_string());
             } else {
                 notes.push(format!(
@@ -126,15 +132,25 @@ fn op_of<'a>(flow: &Dataflow<'a>, tensor: &str) -> &'a str {
     flow.producer(tensor).map(|n| n.op_type.as_str()).unwrap_or("")
 }
 
-/// The end of the first conv unit (Conv, then any BatchNormalization and activations) in a group.
-fn first_unit_end<'a>(flow: &Dataflow, group: &[&'a str]) -> Option<&'a str> {
+/// The end of the first conv unit in a group: the first Conv, then the BatchNormalization and
+/// activations after it. When that unit does not reach the first stage's end, it stops where
+/// nodes of the first stage's block begin (as a WideResNet's pre-activation BN does).
+fn first_unit_end<'a>(flow: &Dataflow, group: &[&'a str], first_stage: &str) -> Option<&'a str> {
     let start = group.iter().position(|t| op_of(flow, t) == "Conv")?;
+    let extends = |i: usize| i + 1 < group.len() && {
+        let op = op_of(flow, group[i + 1]);
+        op == "BatchNormalization" || ACTIVATIONS.contains(&op)
+    };
     let mut end = start;
-    while end + 1 < group.len() {
-        let next = op_of(flow, group[end + 1]);
-        if next != "BatchNormalization" && !ACTIVATIONS.contains(&next) {
-            break;
-        }
+    while extends(end) {
+        end += 1;
+    }
+    if group[end] == first_stage {
+        return Some(group[end]);
+    }
+    let stage_block = scope(flow, first_stage, 2);
+    let mut end = start;
+    while extends(end) && (stage_block.is_none() || scope(flow, group[end + 1], 2) != stage_block) {
         end += 1;
     }
     Some(group[end])
@@ -143,12 +159,14 @@ fn first_unit_end<'a>(flow: &Dataflow, group: &[&'a str]) -> Option<&'a str> {
 /// The stem is a stage of its own where channel count or module scope tells it from the first stage.
 fn told_apart(flow: &Dataflow, shapes: &HashMap<String, Shape>, stem: &str, first_stage: &str) -> bool {
     channels(shapes, stem) != channels(shapes, first_stage)
-        || top_level_scope(flow, stem) != top_level_scope(flow, first_stage)
+        || scope(flow, stem, 1) != scope(flow, first_stage, 1)
 }
 
-/// Where the last group ends in a head (a trailing 1x1 conv unit, or a final BatchNorm +
-/// activation after a non-conv op, as in pre-activation ResNets), the tensor before the head.
-fn before_head<'a>(flow: &Dataflow, group: &[&'a str]) -> Option<&'a str> {
+/// Where a group ends in a unit that is not part of its stage, the tensor before that unit. Such a
+/// unit is a trailing 1x1 conv (+ BN, activation): MobileNet's expansion that opens the next
+/// block, or the head before pooling; or a BN + activation after a non-conv op: a pre-activation
+/// block's opening, or a WideResNet's final BN + ReLU.
+fn before_trailing_unit<'a>(flow: &Dataflow, group: &[&'a str]) -> Option<&'a str> {
     let mut i = group.len() - 1;
     while i > 0 && ACTIVATIONS.contains(&op_of(flow, group[i])) {
         i -= 1;
