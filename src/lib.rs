@@ -32,8 +32,10 @@ pub struct PreparedModel {
 pub fn load(path: &Path) -> Result<PreparedModel> {
     let mut loaded = load_model(path)?;
     let shown = loaded.display();
-    let graph = loaded.proto.graph.as_mut().expect("load_model guarantees a graph");
-    let running_statistics = onnx::normalize::inference_batchnorm(graph, &shown)?;
+    let mut graph = loaded.proto.graph.take().expect("load_model guarantees a graph");
+    onnx::validate::validate(&mut graph, &loaded.proto, &shown)?;
+    let running_statistics = onnx::normalize::inference_batchnorm(&mut graph, &shown)?;
+    loaded.proto.graph = Some(graph);
     Ok(PreparedModel { loaded, running_statistics })
 }
 

@@ -9,7 +9,12 @@ use kdgraph::check::Term;
 use kdgraph::{report, Error, MethodName, PlanOptions, Result};
 
 #[derive(Parser)]
-#[command(name = "kdgraph", version, about = "Merge a teacher and a student ONNX model into one knowledge-distillation training graph")]
+#[command(
+    name = "kdgraph",
+    version,
+    about = "Merge a teacher and a student ONNX model into one knowledge-distillation training graph",
+    allow_negative_numbers = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,6 +43,7 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 struct MergeArgs {
     /// The frozen teacher model.
     teacher: PathBuf,
@@ -49,7 +55,7 @@ struct MergeArgs {
     /// The joint graph to write; its sidecar goes beside it with the extension .json.
     #[arg(short = 'o', long, default_value = "joint.onnx")]
     output: PathBuf,
-    /// Show the plan (which tensors are paired, pools, connectors, weights) and write nothing.
+    /// Show the plan (which tensors are paired, pools, connectors, weights); write no graph.
     #[arg(long)]
     dry_run: bool,
     /// Do not run the written graph with tract before writing it.
@@ -70,7 +76,7 @@ struct MergeArgs {
     /// Weight of the KD term (default: 0.9 with --method kd, else 0).
     #[arg(long, help_heading = "Loss weights")]
     alpha: Option<f64>,
-    /// Weight of the method term: B for every method, or METHOD=B (repeatable; default per method).
+    /// Weight of a method's term: B when one feature method is chosen, else METHOD=B (repeatable; default per method).
     #[arg(long, value_name = "[METHOD=]B", value_parser = parse_beta, help_heading = "Loss weights")]
     beta: Vec<(Option<MethodName>, f64)>,
     /// Weight of the cross-entropy term (default: 0.1 with --method kd, else 1).
@@ -150,13 +156,25 @@ fn merge(args: MergeArgs) -> Result<()> {
     if args.check_batch == 0 {
         return Err(Error::usage("--check-batch must be at least 1"));
     }
-    let merge = kdgraph::plan_merge(&args.teacher, &args.student, &options)?;
+    let inputs = [args.teacher.as_path(), args.student.as_path()];
     if let Some(dot) = &args.dot {
-        let mut write = kdgraph::onnx::io::AtomicWrite::new();
-        write.stage(dot, report::plan_dot(&merge.plan).as_bytes())?;
-        write.commit()?;
+        kdgraph::onnx::io::ensure_not_an_input(dot, &inputs)?;
     }
+    if !args.dry_run {
+        kdgraph::onnx::io::ensure_not_an_input(&args.output, &inputs)?;
+    }
+    let merge = kdgraph::plan_merge(&args.teacher, &args.student, &options)?;
+    let dot = args.dot.as_ref().map(|path| (path.clone(), report::plan_dot(&merge.plan)));
+    let write_dot = || -> Result<()> {
+        if let Some((path, text)) = &dot {
+            let mut write = kdgraph::onnx::io::AtomicWrite::new();
+            write.stage(path, text.as_bytes())?;
+            write.commit()?;
+        }
+        Ok(())
+    };
     if args.dry_run {
+        write_dot()?;
         print!("{}", if args.json { report::plan_json(&merge.plan) + "\n" } else { report::plan_text(&merge.plan) });
         return Ok(());
     }
@@ -165,6 +183,7 @@ fn merge(args: MergeArgs) -> Result<()> {
     }
     let check = (!args.no_check).then_some(args.check_batch);
     let terms = kdgraph::write_joint(merge, &args.output, check)?;
+    write_dot()?;
     let sidecar = kdgraph::sidecar_path(&args.output);
     if args.json {
         let summary = serde_json::json!({

@@ -70,6 +70,10 @@ pub struct TapPair {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
+    #[serde(rename = "teacher")]
+    pub teacher_file: String,
+    #[serde(rename = "student")]
+    pub student_file: String,
     pub methods: Vec<MethodName>,
     pub hyper: Hyper,
     pub pairs: Vec<TapPair>,
@@ -87,12 +91,16 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
     if methods.is_empty() {
         return Err(Error::usage("choose at least one --method (kd, fitnet, at, sp, cc, vid, rkd, pkt, ab, ft, fsp, nst, crd, ofd)"));
     }
-    methods.dedup();
+    let mut seen = std::collections::HashSet::new();
+    methods.retain(|m| seen.insert(*m));
     let hyper = hyper_parameters(&methods, options)?;
     let mut notes = Vec::new();
     if hyper.alpha > 0.0 && !methods.contains(&MethodName::Kd) {
         methods.insert(0, MethodName::Kd);
         notes.push(format!("--alpha {} adds the KD term on the logits", hyper.alpha));
+    }
+    if methods.contains(&MethodName::Kd) && hyper.alpha == 0.0 {
+        notes.push("--alpha 0 gives the KD term no weight: loss/kd is computed and reported but does not train".into());
     }
     check_inputs(&teacher, &student)?;
     if teacher.inputs.iter().map(|i| &i.name).ne(student.inputs.iter().map(|i| &i.name)) {
@@ -101,8 +109,8 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
     let mut warnings = Vec::new();
     if student.batchnorms == 0 {
         warnings.push(format!(
-            "student `{}` has no BatchNormalization: its BatchNorms were folded away at export, so it would train \
-             without normalisation; re-export it in training mode: torch.onnx.export(model.train(), ..., \
+            "student `{}` has no BatchNormalization, so it will train without normalisation; if its BatchNorms \
+             were folded away at export, re-export it in training mode: torch.onnx.export(model.train(), ..., \
              training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)",
             student.model
         ));
@@ -112,8 +120,15 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
     for &method in &methods {
         let spec = registry(method);
         let candidates = match (&overrides, spec.taps()) {
+            (Some(_), TapKind::Logits) => {
+                notes.push("--tap does not apply to KD, which always compares the logits".into());
+                vec![logits_pair(&teacher, &student)?]
+            }
             (_, TapKind::Logits) => vec![logits_pair(&teacher, &student)?],
-            (Some(given), _) => given.clone(),
+            (Some(given), kind) => {
+                check_tap_ranks(method, kind, given)?;
+                given.clone()
+            }
             (None, kind) => automatic_pairs(&teacher, &student, kind, method, &mut notes)?,
         };
         for (stage, t, s) in candidates {
@@ -124,7 +139,17 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
             pairs.push(TapPair { method, stage, teacher: t, student: s, pool, connector, connectors });
         }
     }
-    Ok(Plan { methods, hyper, pairs, notes, warnings, teacher, student })
+    Ok(Plan {
+        teacher_file: teacher.model.clone(),
+        student_file: student.model.clone(),
+        methods,
+        hyper,
+        pairs,
+        notes,
+        warnings,
+        teacher,
+        student,
+    })
 }
 
 fn hyper_parameters(methods: &[MethodName], options: &PlanOptions) -> Result<Hyper> {
@@ -180,9 +205,11 @@ fn check_inputs(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<()> 
             });
         if !compatible {
             return Err(Error::input(format!(
-                "teacher input `{}` {} and student input `{}` {} differ in shape; export both at the same input size",
+                "teacher `{}` reads `{}` {} but student `{}` reads `{}` {}; export both at the same input size",
+                teacher.model,
                 t.name,
                 show_shape(&t.shape),
+                student.model,
                 s.name,
                 show_shape(&s.shape)
             )));
@@ -229,8 +256,8 @@ fn automatic_pairs(
             let (t, s) = (teacher.stages.get(i), student.stages.get(i));
             let (Some(t), Some(s)) = (t, s) else {
                 return Err(Error::input(format!(
-                    "{method} taps spatial map {i} (feat[{i}]) but teacher `{}` has {} and student `{}` has {}; \
-                     choose the hint with --tap",
+                    "{method} taps spatial map feat[{i}] (the stem is feat[0]), but teacher `{}` has {} spatial maps \
+                     and student `{}` has {}; choose the hint with --tap",
                     teacher.model,
                     teacher.stages.len(),
                     student.model,
@@ -274,6 +301,26 @@ fn automatic_pairs(
     Ok(t_tail.iter().zip(s_tail).map(|(t, s)| (s.name.clone(), pick(t), pick(s))).collect())
 }
 
+/// `--tap` pairs must have the rank the method reads: feature maps, or embeddings.
+fn check_tap_ranks(method: MethodName, kind: TapKind, given: &[Candidate]) -> Result<()> {
+    let (rank, what) = match kind {
+        TapKind::Embedding => (2, "an N x D embedding"),
+        _ => (4, "an N x C x H x W feature map"),
+    };
+    for (_, t, s) in given {
+        for info in [t, s] {
+            if info.shape.len() != rank {
+                return Err(Error::usage(format!(
+                    "--tap: {method} reads {what}, but `{}` has shape {}; tap another tensor",
+                    info.tensor,
+                    show_shape(&info.shape)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn last(model: &ModelAnalysis) -> &Stage {
     model.stages.last().expect("analysis guarantees at least one spatial map")
 }
@@ -305,8 +352,8 @@ fn resolve_taps(
         return Ok(None);
     }
     let find = |model: &ModelAnalysis, role: &str, name: &str| -> Result<TensorInfo> {
-        model.info(name).ok_or_else(|| {
-            let close = nearest(name, model.shapes.keys().map(String::as_str), 3);
+        model.data_info(name).ok_or_else(|| {
+            let close = nearest(name, model.data_tensors.iter().map(String::as_str), 3);
             Error::usage(format!(
                 "--tap: {role} `{}` has no tensor `{name}`; nearest names: {}",
                 model.model,

@@ -19,7 +19,7 @@ pub fn analysis_text(a: &ModelAnalysis) -> String {
             Some(t) => format!("pre-ReLU `{t}`"),
             None => "no pre-ReLU tap".to_string(),
         };
-        let _ = writeln!(out, "  {}  {:<7} {}  `{}`  ({pre})", stage.index, stage.name, show_shape(&stage.shape), stage.tensor);
+        let _ = writeln!(out, "  {}  {:<7} {:<18} `{}`  ({pre})", stage.index, stage.name, show_shape(&stage.shape), stage.tensor);
     }
     let _ = writeln!(out, "embedding: {}", tensor(&a.embedding));
     let _ = writeln!(out, "logits:    {}", tensor(&a.logits));
@@ -72,16 +72,16 @@ pub fn plan_text(plan: &Plan) -> String {
             None => format!("alpha {}", plan.hyper.alpha),
         };
         let _ = writeln!(out, "\n{method} ({weight})");
+        if let Some(remark) = crate::methods::registry(method).remark() {
+            let _ = writeln!(out, "  ({remark})");
+        }
         for pair in plan.pairs.iter().filter(|p| p.method == method) {
             let _ = writeln!(out, "  {}", pair.stage);
             let _ = writeln!(out, "    teacher {}", tensor(&pair.teacher));
             let _ = writeln!(out, "    student {}", tensor(&pair.student));
-            if let Some(pool) = &pair.pool {
-                let _ = writeln!(out, "    pool    {pool} (adaptive average)");
-            }
-            if let Some(connector) = &pair.connector {
-                let _ = writeln!(out, "    connect {connector}");
-            }
+            let pool = pair.pool.as_ref().map(|p| format!("{p} (adaptive average)"));
+            let _ = writeln!(out, "    pool    {}", pool.as_deref().unwrap_or("none"));
+            let _ = writeln!(out, "    connect {}", pair.connector.as_deref().unwrap_or("none"));
         }
     }
     out.push('\n');

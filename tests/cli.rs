@@ -526,7 +526,6 @@ fn dot_into_a_missing_folder() {
 // Known bugs: these state the intended behaviour and fail today; run with `--ignored`.
 
 #[test]
-#[ignore = "bug: --dot overwrites an input model (no ensure_not_an_input check for --dot)"]
 fn dot_never_overwrites_an_input() {
     let dir = TempDir::new("dot-input");
     let student = fs::read(repo().join(STUDENT)).unwrap();
@@ -539,7 +538,6 @@ fn dot_never_overwrites_an_input() {
 }
 
 #[test]
-#[ignore = "bug: methods.dedup() only drops adjacent repeats, so `-m at -m kd -m at` plans AT twice"]
 fn repeated_method_is_planned_once() {
     let plan = json(&dry_run(&["at", "kd", "at"], &["--json"]));
     assert_eq!(plan["methods"], serde_json::json!(["at", "kd"]));
@@ -547,7 +545,6 @@ fn repeated_method_is_planned_once() {
 }
 
 #[test]
-#[ignore = "bug: --tap accepts weights and non-spatial tensors for methods without connectors (at, sp, nst, ...)"]
 fn tap_must_be_a_feature_map_for_at() {
     for tap in ["fc.weight=fc.weight", "logits=logits"] {
         let run = dry_run(&["at"], &["--tap", tap]);

@@ -67,6 +67,9 @@ pub struct ModelAnalysis {
     /// The shape of every tensor tract could infer, for `--tap` and for the joint graph.
     #[serde(skip)]
     pub shapes: HashMap<String, Shape>,
+    /// Tensors computed from the inputs' values (not weights, not shapes): what `--tap` may name.
+    #[serde(skip)]
+    pub data_tensors: Vec<String>,
 }
 
 impl ModelAnalysis {
@@ -74,7 +77,11 @@ impl ModelAnalysis {
         self.logits.shape.get(1).and_then(shapes::fixed)
     }
 
-    pub fn info(&self, tensor: &str) -> Option<TensorInfo> {
+    /// A tensor computed from the inputs, with its shape.
+    pub fn data_info(&self, tensor: &str) -> Option<TensorInfo> {
+        if !self.data_tensors.iter().any(|t| t == tensor) {
+            return None;
+        }
         self.shapes.get(tensor).map(|s| TensorInfo { tensor: tensor.to_string(), shape: s.clone() })
     }
 }
@@ -123,6 +130,7 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         warnings: Vec::new(),
         notes: found.notes,
         batchnorms,
+        data_tensors: graph.node.iter().flat_map(|n| n.output.iter()).filter(|t| flow.is_data(t)).cloned().collect(),
         shapes,
     })
 }

@@ -16,6 +16,10 @@ impl Method for Ab {
         TapKind::StageEndsPreRelu
     }
 
+    fn remark(&self) -> Option<&'static str> {
+        Some("two stages: an init stage trains the student's feature layers and the connectors on the AB term; the main stage has CE (+ KD) only")
+    }
+
     fn weights(&self) -> Weights {
         Weights { gamma: 1.0, alpha: 0.0, beta: 1.0 }
     }

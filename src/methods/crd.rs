@@ -19,6 +19,10 @@ impl Method for Crd {
         TapKind::Embedding
     }
 
+    fn remark(&self) -> Option<&'static str> {
+        Some("needs the data loader's sample indices and contrast indices, and carries two memory banks as state inputs and outputs")
+    }
+
     fn weights(&self) -> Weights {
         Weights { gamma: 1.0, alpha: 0.0, beta: 0.8 }
     }

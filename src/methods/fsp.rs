@@ -16,12 +16,12 @@ impl Method for Fsp {
         TapKind::AllSpatial
     }
 
-    fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 50.0 }
+    fn remark(&self) -> Option<&'static str> {
+        Some("two stages: an init stage trains the student's feature layers on the FSP term over consecutive pairs of spatial maps (the larger of each pair pooled); the main stage has CE only")
     }
 
-    fn pools(&self) -> bool {
-        true
+    fn weights(&self) -> Weights {
+        Weights { gamma: 1.0, alpha: 0.0, beta: 50.0 }
     }
 
     /// FSP compares Gram matrices position by position, so channel counts must agree.

@@ -19,6 +19,10 @@ impl Method for Ft {
         TapKind::LastSpatial
     }
 
+    fn remark(&self) -> Option<&'static str> {
+        Some("two stages: an init stage trains the paraphraser (with a decoder) to reconstruct the teacher map; the main stage freezes it and trains the translator")
+    }
+
     fn weights(&self) -> Weights {
         Weights { gamma: 1.0, alpha: 0.0, beta: 200.0 }
     }

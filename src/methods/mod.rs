@@ -118,6 +118,10 @@ pub trait Method: Sync {
     fn pools(&self) -> bool {
         false
     }
+    /// How the method departs from "one graph, one loss" (stages, scaling), for the report.
+    fn remark(&self) -> Option<&'static str> {
+        None
+    }
     /// The trainable parts inserted for one pair.
     fn connectors(&self, _teacher: &TensorInfo, _student: &TensorInfo) -> Result<Vec<Connector>> {
         Ok(Vec::new())

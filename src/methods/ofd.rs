@@ -17,6 +17,10 @@ impl Method for Ofd {
         TapKind::StageEndsPreRelu
     }
 
+    fn remark(&self) -> Option<&'static str> {
+        Some("the term is the stage-weighted sum (last stage weight 1, each earlier half) divided by the batch size, with teacher maps clipped at margins from the teacher's BatchNorm")
+    }
+
     fn weights(&self) -> Weights {
         Weights { gamma: 1.0, alpha: 0.0, beta: 1.0 / 1000.0 }
     }

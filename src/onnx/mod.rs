@@ -6,5 +6,6 @@ pub mod edit;
 pub mod io;
 pub mod normalize;
 pub mod proto;
+pub mod validate;
 
 pub use tract_onnx::pb;

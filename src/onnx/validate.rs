@@ -1,0 +1,62 @@
+//! Structural checks of a loaded graph, so that a broken export gets a message naming the node
+//! or tensor at fault instead of a failure deep inside shape inference.
+
+use std::collections::HashSet;
+
+use super::{edit, pb, proto};
+use crate::error::{Error, Result};
+
+/// Checks opset, domains, ops, references and single producers, and puts the nodes in
+/// topological order (a cycle is an error).
+pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str) -> Result<()> {
+    if proto::onnx_opset(model) == 0 {
+        return Err(Error::input(format!(
+            "`{shown}` imports no ai.onnx opset; the file is damaged or not a network: export it again"
+        )));
+    }
+    let known = tract_onnx::onnx().op_register;
+    let mut produced: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    produced.extend(graph.input.iter().map(|i| i.name.as_str()));
+    for node in &graph.node {
+        let node_name = if node.name.is_empty() { node.output.first().cloned().unwrap_or_default() } else { node.name.clone() };
+        if !node.domain.is_empty() && node.domain != "ai.onnx" {
+            return Err(Error::input(format!(
+                "`{shown}`: node `{node_name}` uses op `{}` of the custom domain `{}`; kdgraph reads standard ONNX ops only: \
+                 export without custom ops",
+                node.op_type, node.domain
+            )));
+        }
+        if node.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+            return Err(Error::input(format!(
+                "`{shown}`: node `{node_name}` ({}) holds a subgraph; control flow (If, Loop, Scan) is not supported: \
+                 export the network without data-dependent control flow",
+                node.op_type
+            )));
+        }
+        if !known.0.contains_key(&node.op_type) {
+            return Err(Error::input(format!(
+                "`{shown}`: node `{node_name}` uses op `{}`, which kdgraph cannot analyse; export with standard ops",
+                node.op_type
+            )));
+        }
+        for output in node.output.iter().filter(|o| !o.is_empty()) {
+            if !produced.insert(output.as_str()) {
+                return Err(Error::input(format!(
+                    "`{shown}`: tensor `{output}` is produced twice (again by node `{node_name}`); tensor names must be unique"
+                )));
+            }
+        }
+    }
+    for node in &graph.node {
+        if let Some(missing) = node.input.iter().find(|i| !i.is_empty() && !produced.contains(i.as_str())) {
+            return Err(Error::input(format!(
+                "`{shown}`: node `{}` reads `{missing}`, which no node, initializer or input produces; the graph is broken: export it again",
+                node.name
+            )));
+        }
+    }
+    if let Some(missing) = graph.output.iter().find(|o| !produced.contains(o.name.as_str())) {
+        return Err(Error::input(format!("`{shown}`: graph output `{}` is produced by no node", missing.name)));
+    }
+    edit::topological_sort(graph).map_err(|e| Error::input(format!("`{shown}`: {e}")))
+}
