@@ -16,21 +16,40 @@ pub struct Term {
 /// Returns every scalar float output (the loss and its terms), in output order.
 pub fn run_losses(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
     let fail = |stage: &str, e: TractError| {
-        Error::input(format!("tract could not {stage} `{shown}`: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")))
+        Error::input(format!(
+            "tract could not {stage} `{shown}`: {}",
+            e.chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ")
+        ))
     };
-    let graph = model.graph.as_ref().ok_or_else(|| Error::input(format!("`{shown}` holds no graph")))?;
-    let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let feeds: Vec<&pb::ValueInfoProto> = graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).collect();
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| Error::input(format!("`{shown}` holds no graph")))?;
+    let initializers: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let feeds: Vec<&pb::ValueInfoProto> = graph
+        .input
+        .iter()
+        .filter(|i| !initializers.contains(i.name.as_str()))
+        .collect();
     let classes = class_count(graph);
-    let mut inference = tract_onnx::onnx().model_for_proto_model(model).map_err(|e| fail("read", e))?;
+    let mut inference = tract_onnx::onnx()
+        .model_for_proto_model(model)
+        .map_err(|e| fail("read", e))?;
     let mut values = TVec::new();
     for (index, input) in feeds.iter().enumerate() {
         let (elem_type, dims) = input_type(input, batch)?;
         let value = if elem_type == pb::tensor_proto::DataType::Int64 as i32 {
             let count: usize = dims.iter().product();
-            tract_ndarray::ArrayD::from_shape_vec(dims.clone(), (0..count).map(|i| (i as i64) % classes).collect::<Vec<_>>())
-                .map(|a| a.into_tensor())
-                .map_err(|e| Error::input(format!("input `{}`: {e}", input.name)))?
+            tract_ndarray::ArrayD::from_shape_vec(
+                dims.clone(),
+                (0..count).map(|i| (i as i64) % classes).collect::<Vec<_>>(),
+            )
+            .map(|a| a.into_tensor())
+            .map_err(|e| Error::input(format!("input `{}`: {e}", input.name)))?
         } else {
             let count: usize = dims.iter().product();
             let mut state = 0x2545_f491_4f6c_dd1du64 ^ (index as u64);
@@ -47,7 +66,9 @@ pub fn run_losses(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<V
                 .map_err(|e| Error::input(format!("input `{}`: {e}", input.name)))?
         };
         let fact = InferenceFact::dt_shape(value.datum_type(), value.shape());
-        inference.set_input_fact(index, fact).map_err(|e| fail("set the inputs of", e))?;
+        inference
+            .set_input_fact(index, fact)
+            .map_err(|e| fail("set the inputs of", e))?;
         values.push(value.into_tvalue());
     }
     let runnable = inference
@@ -59,8 +80,13 @@ pub fn run_losses(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<V
     let mut terms = Vec::new();
     for (info, value) in graph.output.iter().zip(outputs.iter()) {
         if value.rank() == 0 && value.datum_type() == f32::datum_type() {
-            let v = value.cast_to_scalar::<f32>().map_err(|e| fail("read the outputs of", e))?;
-            terms.push(Term { name: info.name.clone(), value: v });
+            let v = value
+                .cast_to_scalar::<f32>()
+                .map_err(|e| fail("read the outputs of", e))?;
+            terms.push(Term {
+                name: info.name.clone(),
+                value: v,
+            });
         }
     }
     Ok(terms)
@@ -75,7 +101,9 @@ fn class_count(graph: &pb::GraphProto) -> i64 {
             pb::type_proto::Value::TensorType(t) => {
                 let dims = &t.shape.as_ref()?.dim;
                 match dims.get(1)?.value.as_ref()? {
-                    pb::tensor_shape_proto::dimension::Value::DimValue(n) if dims.len() == 2 => Some(*n),
+                    pb::tensor_shape_proto::dimension::Value::DimValue(n) if dims.len() == 2 => {
+                        Some(*n)
+                    }
                     _ => None,
                 }
             }
@@ -99,7 +127,9 @@ fn input_type(input: &pb::ValueInfoProto, batch: usize) -> Result<(i32, Vec<usiz
             s.dim
                 .iter()
                 .map(|d| match d.value {
-                    Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if n > 0 => n as usize,
+                    Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if n > 0 => {
+                        n as usize
+                    }
                     _ => batch,
                 })
                 .collect()

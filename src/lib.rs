@@ -32,11 +32,18 @@ pub struct PreparedModel {
 pub fn load(path: &Path) -> Result<PreparedModel> {
     let mut loaded = load_model(path)?;
     let shown = loaded.display();
-    let mut graph = loaded.proto.graph.take().expect("load_model guarantees a graph");
+    let mut graph = loaded
+        .proto
+        .graph
+        .take()
+        .expect("load_model guarantees a graph");
     onnx::validate::validate(&mut graph, &loaded.proto, &shown)?;
     let running_statistics = onnx::normalize::inference_batchnorm(&mut graph, &shown)?;
     loaded.proto.graph = Some(graph);
-    Ok(PreparedModel { loaded, running_statistics })
+    Ok(PreparedModel {
+        loaded,
+        running_statistics,
+    })
 }
 
 /// Loads and analyses one model: its stages, taps and shapes.
@@ -59,31 +66,75 @@ pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Resu
     let t = analysis::analyse(&teacher.loaded.proto, &teacher.loaded.display())?;
     let s = analysis::analyse(&student.loaded.proto, &student.loaded.display())?;
     let plan = plan::plan(t, s, options)?;
-    Ok(Merge { teacher, student, plan })
+    Ok(Merge {
+        teacher,
+        student,
+        plan,
+    })
 }
 
-/// Writes the joint graph and its sidecar `<output>.json` together (atomically), after tract has
-/// run the graph (unless `check_batch` is None). Returns the loss terms of that run.
-pub fn write_joint(merge: Merge, output: &Path, check_batch: Option<usize>) -> Result<Vec<check::Term>> {
-    onnx::io::ensure_not_an_input(output, &[&merge.teacher.loaded.path, &merge.student.loaded.path])?;
-    let file_name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let joint = joint::assemble(merge.teacher, merge.student, &merge.plan, &file_name)?;
-    let terms = match check_batch {
-        Some(batch) => check::run_losses(&joint.model, batch, &output.display().to_string())?,
-        None => Vec::new(),
+/// The loss terms of one stage graph's tract run.
+pub struct StageCheck {
+    pub stage: &'static str,
+    pub path: std::path::PathBuf,
+    pub terms: Vec<check::Term>,
+}
+
+/// Writes the joint graph and its sidecar `<output>.json`, plus `<output>.init.onnx` and its
+/// sidecar when a method has an init stage: all files together (atomically), after tract has run
+/// every graph (unless `check_batch` is None).
+pub fn write_joint(
+    merge: &Merge,
+    output: &Path,
+    check_batch: Option<usize>,
+) -> Result<Vec<StageCheck>> {
+    onnx::io::ensure_not_an_input(
+        output,
+        &[&merge.teacher.loaded.path, &merge.student.loaded.path],
+    )?;
+    let file_name = |path: &Path| {
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     };
-    let sidecar_path = sidecar_path(output);
-    let mut write = onnx::io::AtomicWrite::new();
-    for (path, bytes) in onnx::io::encode_model(joint.model, output)? {
-        write.stage(&path, &bytes)?;
+    let has_init = merge
+        .plan
+        .methods
+        .iter()
+        .any(|&m| methods::registry(m).has_init_stage());
+    let init_path = output.with_extension("init.onnx");
+    let files = joint::StageFiles {
+        main: file_name(output),
+        init: has_init.then(|| file_name(&init_path)),
+    };
+    let mut stages = vec![(methods::Stage::Main, output.to_path_buf())];
+    if has_init {
+        stages.insert(0, (methods::Stage::Init, init_path));
     }
-    let sidecar = serde_json::to_string_pretty(&joint.sidecar).expect("a sidecar always serialises");
-    write.stage(&sidecar_path, sidecar.as_bytes())?;
+    let mut write = onnx::io::AtomicWrite::new();
+    let mut checks = Vec::new();
+    for (stage, path) in stages {
+        let joint = joint::assemble(&merge.teacher, &merge.student, &merge.plan, stage, &files)?;
+        if let Some(batch) = check_batch {
+            let terms = check::run_losses(&joint.model, batch, &path.display().to_string())?;
+            checks.push(StageCheck {
+                stage: stage.name(),
+                path: path.clone(),
+                terms,
+            });
+        }
+        for (file, bytes) in onnx::io::encode_model(joint.model, &path)? {
+            write.stage(&file, &bytes)?;
+        }
+        let sidecar =
+            serde_json::to_string_pretty(&joint.sidecar).expect("a sidecar always serialises");
+        write.stage(&sidecar_path(&path), sidecar.as_bytes())?;
+    }
     write.commit()?;
-    Ok(terms)
+    Ok(checks)
 }
 
-/// `joint.onnx` -> `joint.json`.
+/// `joint.onnx` -> `joint.json`, `joint.init.onnx` -> `joint.init.json`.
 pub fn sidecar_path(output: &Path) -> std::path::PathBuf {
     output.with_extension("json")
 }

@@ -64,6 +64,16 @@ struct MergeArgs {
     /// Batch size of the tract check.
     #[arg(long, default_value_t = 4)]
     check_batch: usize,
+    /// CRD: the number of samples in the training set (the size of the memory banks).
+    #[arg(long, value_name = "N", help_heading = "Method options")]
+    crd_n_data: Option<i64>,
+    /// CRD: negatives per sample.
+    #[arg(long, value_name = "K", default_value_t = kdgraph::methods::crd::DEFAULT_NEGATIVES, help_heading = "Method options")]
+    crd_negatives: i64,
+    /// Run the teacher's BatchNorms on batch statistics (as the OFD reference) instead of folding them;
+    /// ONNX Runtime Training then updates their running statistics.
+    #[arg(long, help_heading = "Method options")]
+    teacher_batch_statistics: bool,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -83,7 +93,12 @@ struct MergeArgs {
     #[arg(long, help_heading = "Loss weights")]
     gamma: Option<f64>,
     /// KD temperature.
-    #[arg(short = 'T', long = "temperature", default_value_t = 4.0, help_heading = "Loss weights")]
+    #[arg(
+        short = 'T',
+        long = "temperature",
+        default_value_t = 4.0,
+        help_heading = "Loss weights"
+    )]
     temperature: f64,
 }
 
@@ -95,7 +110,10 @@ fn parse_tap(s: &str) -> std::result::Result<(String, String), String> {
 }
 
 fn parse_beta(s: &str) -> std::result::Result<(Option<MethodName>, f64), String> {
-    let number = |v: &str| v.parse::<f64>().map_err(|_| format!("`{v}` is not a number"));
+    let number = |v: &str| {
+        v.parse::<f64>()
+            .map_err(|_| format!("`{v}` is not a number"))
+    };
     match s.split_once('=') {
         Some((m, v)) => {
             let method = <MethodName as clap::ValueEnum>::from_str(m, true)
@@ -121,7 +139,14 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Inspect { model, json } => {
             let analysis = kdgraph::inspect(&model)?;
-            print!("{}", if json { report::analysis_json(&analysis) + "\n" } else { report::analysis_text(&analysis) });
+            print!(
+                "{}",
+                if json {
+                    report::analysis_json(&analysis) + "\n"
+                } else {
+                    report::analysis_text(&analysis)
+                }
+            );
             Ok(())
         }
         Command::Merge(args) => merge(args),
@@ -130,7 +155,10 @@ fn run(command: Command) -> Result<()> {
                 return Err(Error::usage("--batch must be at least 1"));
             }
             let terms = kdgraph::check_joint(&joint, batch)?;
-            print!("{}", show_terms(&joint.display().to_string(), batch, &terms));
+            print!(
+                "{}",
+                show_terms(&joint.display().to_string(), batch, &terms)
+            );
             Ok(())
         }
     }
@@ -152,6 +180,9 @@ fn merge(args: MergeArgs) -> Result<()> {
         alpha: args.alpha,
         betas: args.beta,
         temperature: args.temperature,
+        crd_n_data: args.crd_n_data,
+        crd_negatives: args.crd_negatives,
+        teacher_batch_statistics: args.teacher_batch_statistics,
     };
     if args.check_batch == 0 {
         return Err(Error::usage("--check-batch must be at least 1"));
@@ -164,7 +195,10 @@ fn merge(args: MergeArgs) -> Result<()> {
         kdgraph::onnx::io::ensure_not_an_input(&args.output, &inputs)?;
     }
     let merge = kdgraph::plan_merge(&args.teacher, &args.student, &options)?;
-    let dot = args.dot.as_ref().map(|path| (path.clone(), report::plan_dot(&merge.plan)));
+    let dot = args
+        .dot
+        .as_ref()
+        .map(|path| (path.clone(), report::plan_dot(&merge.plan)));
     let write_dot = || -> Result<()> {
         if let Some((path, text)) = &dot {
             let mut write = kdgraph::onnx::io::AtomicWrite::new();
@@ -175,26 +209,56 @@ fn merge(args: MergeArgs) -> Result<()> {
     };
     if args.dry_run {
         write_dot()?;
-        print!("{}", if args.json { report::plan_json(&merge.plan) + "\n" } else { report::plan_text(&merge.plan) });
+        print!(
+            "{}",
+            if args.json {
+                report::plan_json(&merge.plan) + "\n"
+            } else {
+                report::plan_text(&merge.plan)
+            }
+        );
         return Ok(());
     }
     if !args.json {
         print!("{}", report::plan_text(&merge.plan));
     }
     let check = (!args.no_check).then_some(args.check_batch);
-    let terms = kdgraph::write_joint(merge, &args.output, check)?;
+    let checks = kdgraph::write_joint(&merge, &args.output, check)?;
     write_dot()?;
     let sidecar = kdgraph::sidecar_path(&args.output);
     if args.json {
+        let runs: Vec<_> = checks
+            .iter()
+            .map(|c| serde_json::json!({"stage": c.stage, "model": c.path, "terms": c.terms}))
+            .collect();
         let summary = serde_json::json!({
-            "output": args.output, "sidecar": sidecar, "check_batch": check, "check": terms,
+            "output": args.output, "sidecar": sidecar, "check_batch": check, "check": runs,
         });
-        println!("{}", serde_json::to_string_pretty(&summary).expect("a summary always serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).expect("a summary always serialises")
+        );
     } else {
-        if check.is_some() {
-            print!("{}", show_terms(&args.output.display().to_string(), args.check_batch, &terms));
+        for c in &checks {
+            print!(
+                "{}",
+                show_terms(&c.path.display().to_string(), args.check_batch, &c.terms)
+            );
         }
         println!("wrote {} and {}", args.output.display(), sidecar.display());
+        if merge
+            .plan
+            .methods
+            .iter()
+            .any(|&m| kdgraph::methods::registry(m).has_init_stage())
+        {
+            let init = args.output.with_extension("init.onnx");
+            println!(
+                "wrote {} and {}: train it first (the sidecar's stages say how long), then carry its weights into the main stage",
+                init.display(),
+                kdgraph::sidecar_path(&init).display()
+            );
+        }
     }
     Ok(())
 }

@@ -23,6 +23,11 @@ pub struct PlanOptions {
     /// `--beta B` (None: every method) or `--beta METHOD=B`.
     pub betas: Vec<(Option<MethodName>, f64)>,
     pub temperature: f64,
+    /// CRD: the number of training samples (the memory size) and of negatives per sample.
+    pub crd_n_data: Option<i64>,
+    pub crd_negatives: i64,
+    /// OFD: run the teacher's BatchNorms on batch statistics (as the reference) instead of folding them.
+    pub teacher_batch_statistics: bool,
 }
 
 /// The weights of the total loss `gamma * CE + alpha * KD_T + sum beta_m * L_m`.
@@ -32,6 +37,20 @@ pub struct Hyper {
     pub alpha: f64,
     pub temperature: f64,
     pub beta: BTreeMap<MethodName, f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crd: Option<CrdHyper>,
+    /// The teacher's BatchNorms run on batch statistics instead of being folded.
+    pub teacher_batch_statistics: bool,
+}
+
+/// CRD's hyper-parameters (RepDistiller defaults but for the data set size).
+#[derive(Debug, Clone, Serialize)]
+pub struct CrdHyper {
+    pub n_data: i64,
+    pub negatives: i64,
+    pub feat_dim: i64,
+    pub temperature: f64,
+    pub momentum: f64,
 }
 
 /// Adaptive average pooling of the larger map of a pair down to the smaller.
@@ -44,7 +63,11 @@ pub struct Pool {
 
 impl fmt::Display for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}x{} -> {}x{}", self.side, self.from.0, self.from.1, self.to.0, self.to.1)
+        write!(
+            f,
+            "{} {}x{} -> {}x{}",
+            self.side, self.from.0, self.from.1, self.to.0, self.to.1
+        )
     }
 }
 
@@ -97,13 +120,21 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
     let mut notes = Vec::new();
     if hyper.alpha > 0.0 && !methods.contains(&MethodName::Kd) {
         methods.insert(0, MethodName::Kd);
-        notes.push(format!("--alpha {} adds the KD term on the logits", hyper.alpha));
+        notes.push(format!(
+            "--alpha {} adds the KD term on the logits",
+            hyper.alpha
+        ));
     }
     if methods.contains(&MethodName::Kd) && hyper.alpha == 0.0 {
         notes.push("--alpha 0 gives the KD term no weight: loss/kd is computed and reported but does not train".into());
     }
     check_inputs(&teacher, &student)?;
-    if teacher.inputs.iter().map(|i| &i.name).ne(student.inputs.iter().map(|i| &i.name)) {
+    if teacher
+        .inputs
+        .iter()
+        .map(|i| &i.name)
+        .ne(student.inputs.iter().map(|i| &i.name))
+    {
         notes.push("teacher and student name their inputs differently: the teacher reads the student's inputs".into());
     }
     let mut warnings = Vec::new();
@@ -114,6 +145,9 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
              training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)",
             student.model
         ));
+    }
+    if methods.contains(&MethodName::Crd) && hyper.crd.is_none() {
+        warnings.push("crd: writing the graph needs --crd-n-data N, the number of training samples (the size of the memory banks)".into());
     }
     let overrides = resolve_taps(&teacher, &student, &options.taps)?;
     let mut pairs = Vec::new();
@@ -134,9 +168,22 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
         for (stage, t, s) in candidates {
             let connectors = spec.connectors(&t, &s)?;
             let pool = if spec.pools() { pool_for(&t, &s) } else { None };
-            let connector = (!connectors.is_empty())
-                .then(|| connectors.iter().map(Connector::to_string).collect::<Vec<_>>().join("; "));
-            pairs.push(TapPair { method, stage, teacher: t, student: s, pool, connector, connectors });
+            let connector = (!connectors.is_empty()).then(|| {
+                connectors
+                    .iter()
+                    .map(Connector::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            });
+            pairs.push(TapPair {
+                method,
+                stage,
+                teacher: t,
+                student: s,
+                pool,
+                connector,
+                connectors,
+            });
         }
     }
     Ok(Plan {
@@ -153,38 +200,85 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
 }
 
 fn hyper_parameters(methods: &[MethodName], options: &PlanOptions) -> Result<Hyper> {
-    let base = registry(if methods.contains(&MethodName::Kd) { MethodName::Kd } else { methods[0] }).weights();
+    let base = registry(if methods.contains(&MethodName::Kd) {
+        MethodName::Kd
+    } else {
+        methods[0]
+    })
+    .weights();
     let gamma = options.gamma.unwrap_or(base.gamma);
     let alpha = options.alpha.unwrap_or(base.alpha);
-    let feature_methods: Vec<MethodName> = methods.iter().copied().filter(|m| *m != MethodName::Kd).collect();
-    let mut beta: BTreeMap<MethodName, f64> =
-        feature_methods.iter().map(|&m| (m, registry(m).weights().beta)).collect();
+    let feature_methods: Vec<MethodName> = methods
+        .iter()
+        .copied()
+        .filter(|m| *m != MethodName::Kd)
+        .collect();
+    let mut beta: BTreeMap<MethodName, f64> = feature_methods
+        .iter()
+        .map(|&m| (m, registry(m).weights().beta))
+        .collect();
     for &(method, value) in &options.betas {
         match method {
             Some(m) if !beta.contains_key(&m) => {
-                return Err(Error::usage(format!("--beta {m}={value}: {m} is not among the chosen feature methods")))
+                return Err(Error::usage(format!(
+                    "--beta {m}={value}: {m} is not among the chosen feature methods"
+                )))
             }
             Some(m) => {
                 beta.insert(m, value);
             }
-            None if feature_methods.len() > 1 => {
-                return Err(Error::usage(format!(
-                    "--beta {value} is ambiguous with several methods; say which: --beta {}={value}",
-                    feature_methods[0]
-                )))
-            }
+            None if feature_methods.len() > 1 => return Err(Error::usage(format!(
+                "--beta {value} is ambiguous with several methods; say which: --beta {}={value}",
+                feature_methods[0]
+            ))),
             None => beta.values_mut().for_each(|b| *b = value),
         }
     }
-    for (name, value) in [("--gamma", gamma), ("--alpha", alpha)].into_iter().chain(beta.values().map(|&b| ("--beta", b))) {
+    for (name, value) in [("--gamma", gamma), ("--alpha", alpha)]
+        .into_iter()
+        .chain(beta.values().map(|&b| ("--beta", b)))
+    {
         if !(value.is_finite() && value >= 0.0) {
-            return Err(Error::usage(format!("{name} must be a finite number >= 0, not {value}")));
+            return Err(Error::usage(format!(
+                "{name} must be a finite number >= 0, not {value}"
+            )));
         }
     }
     if !(options.temperature.is_finite() && options.temperature > 0.0) {
-        return Err(Error::usage(format!("-T (the KD temperature) must be > 0, not {}", options.temperature)));
+        return Err(Error::usage(format!(
+            "-T (the KD temperature) must be > 0, not {}",
+            options.temperature
+        )));
     }
-    Ok(Hyper { gamma, alpha, temperature: options.temperature, beta })
+    let crd = match options
+        .crd_n_data
+        .filter(|_| methods.contains(&MethodName::Crd))
+    {
+        Some(n_data) => {
+            let negatives = options.crd_negatives;
+            if negatives < 1 || negatives >= n_data {
+                return Err(Error::usage(format!(
+                "--crd-negatives {negatives} must be at least 1 and smaller than --crd-n-data {n_data} (negatives are other samples)"
+            )));
+            }
+            Some(CrdHyper {
+                n_data,
+                negatives,
+                feat_dim: crate::methods::crd::EMBED_DIM,
+                temperature: 0.07,
+                momentum: 0.5,
+            })
+        }
+        None => None,
+    };
+    Ok(Hyper {
+        gamma,
+        alpha,
+        temperature: options.temperature,
+        beta,
+        crd,
+        teacher_batch_statistics: options.teacher_batch_statistics,
+    })
 }
 
 fn check_inputs(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<()> {
@@ -199,10 +293,13 @@ fn check_inputs(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<()> 
     }
     for (t, s) in teacher.inputs.iter().zip(&student.inputs) {
         let compatible = t.shape.len() == s.shape.len()
-            && t.shape.iter().zip(&s.shape).all(|(a, b)| match (fixed(a), fixed(b)) {
-                (Some(x), Some(y)) => x == y,
-                _ => true,
-            });
+            && t.shape
+                .iter()
+                .zip(&s.shape)
+                .all(|(a, b)| match (fixed(a), fixed(b)) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => true,
+                });
         if !compatible {
             return Err(Error::input(format!(
                 "teacher `{}` reads `{}` {} but student `{}` reads `{}` {}; export both at the same input size",
@@ -231,11 +328,17 @@ fn logits_pair(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<Candi
             show_count(student.class_count())
         )));
     }
-    Ok(("logits".into(), teacher.logits.clone(), student.logits.clone()))
+    Ok((
+        "logits".into(),
+        teacher.logits.clone(),
+        student.logits.clone(),
+    ))
 }
 
 fn show_count(count: Option<i64>) -> String {
-    count.map(|c| c.to_string()).unwrap_or_else(|| "an unknown number of".into())
+    count
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| "an unknown number of".into())
 }
 
 fn automatic_pairs(
@@ -247,10 +350,15 @@ fn automatic_pairs(
 ) -> Result<Vec<Candidate>> {
     let post = |s: &Stage| s.info();
     let pre = |s: &Stage| s.pre_relu_info().unwrap_or_else(|| s.info());
-    let (t_stages, s_stages, pick): (&[Stage], &[Stage], &dyn Fn(&Stage) -> TensorInfo) = match kind {
+    let (t_stages, s_stages, pick): (&[Stage], &[Stage], &dyn Fn(&Stage) -> TensorInfo) = match kind
+    {
         TapKind::Logits => unreachable!("logits are paired before"),
         TapKind::Embedding => {
-            return Ok(vec![("embedding".into(), teacher.embedding.clone(), student.embedding.clone())])
+            return Ok(vec![(
+                "embedding".into(),
+                teacher.embedding.clone(),
+                student.embedding.clone(),
+            )])
         }
         TapKind::Hint(i) => {
             let (t, s) = (teacher.stages.get(i), student.stages.get(i));
@@ -270,10 +378,17 @@ fn automatic_pairs(
             let (t, s) = (last(teacher), last(student));
             return Ok(vec![(s.name.clone(), t.info(), s.info())]);
         }
-        TapKind::StageEnds => (stages_after_stem(teacher), stages_after_stem(student), &post),
+        TapKind::StageEnds => (
+            stages_after_stem(teacher),
+            stages_after_stem(student),
+            &post,
+        ),
         TapKind::StageEndsPreRelu => {
             for model in [teacher, student] {
-                for stage in stages_after_stem(model).iter().filter(|s| s.pre_relu.is_none()) {
+                for stage in stages_after_stem(model)
+                    .iter()
+                    .filter(|s| s.pre_relu.is_none())
+                {
                     notes.push(format!(
                         "{method}: {} of `{}` has no ReLU at its end (no pre-ReLU tap); its output is used as it is",
                         stage.name, model.model
@@ -286,7 +401,9 @@ fn automatic_pairs(
     };
     let n = t_stages.len().min(s_stages.len());
     if n == 0 {
-        return Err(Error::input(format!("{method} needs stage ends, but one of the models has none after its stem")));
+        return Err(Error::input(format!(
+            "{method} needs stage ends, but one of the models has none after its stem"
+        )));
     }
     if t_stages.len() != s_stages.len() {
         notes.push(format!(
@@ -297,8 +414,15 @@ fn automatic_pairs(
             if t_stages.len() > s_stages.len() { "teacher" } else { "student" }
         ));
     }
-    let (t_tail, s_tail) = (&t_stages[t_stages.len() - n..], &s_stages[s_stages.len() - n..]);
-    Ok(t_tail.iter().zip(s_tail).map(|(t, s)| (s.name.clone(), pick(t), pick(s))).collect())
+    let (t_tail, s_tail) = (
+        &t_stages[t_stages.len() - n..],
+        &s_stages[s_stages.len() - n..],
+    );
+    Ok(t_tail
+        .iter()
+        .zip(s_tail)
+        .map(|(t, s)| (s.name.clone(), pick(t), pick(s)))
+        .collect())
 }
 
 /// `--tap` pairs must have the rank the method reads: feature maps, or embeddings.
@@ -322,7 +446,10 @@ fn check_tap_ranks(method: MethodName, kind: TapKind, given: &[Candidate]) -> Re
 }
 
 fn last(model: &ModelAnalysis) -> &Stage {
-    model.stages.last().expect("analysis guarantees at least one spatial map")
+    model
+        .stages
+        .last()
+        .expect("analysis guarantees at least one spatial map")
 }
 
 fn stages_after_stem(model: &ModelAnalysis) -> &[Stage] {
@@ -336,8 +463,16 @@ fn pool_for(teacher: &TensorInfo, student: &TensorInfo) -> Option<Pool> {
     };
     let (t, s) = (size(teacher)?, size(student)?);
     match t.0.cmp(&s.0) {
-        std::cmp::Ordering::Greater => Some(Pool { side: Side::Teacher, from: t, to: s }),
-        std::cmp::Ordering::Less => Some(Pool { side: Side::Student, from: s, to: t }),
+        std::cmp::Ordering::Greater => Some(Pool {
+            side: Side::Teacher,
+            from: t,
+            to: s,
+        }),
+        std::cmp::Ordering::Less => Some(Pool {
+            side: Side::Student,
+            from: s,
+            to: t,
+        }),
         std::cmp::Ordering::Equal => None,
     }
 }
@@ -357,13 +492,23 @@ fn resolve_taps(
             Error::usage(format!(
                 "--tap: {role} `{}` has no tensor `{name}`; nearest names: {}",
                 model.model,
-                close.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+                close
+                    .iter()
+                    .map(|c| format!("`{c}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })
     };
     taps.iter()
         .enumerate()
-        .map(|(i, (t, s))| Ok((format!("tap{}", i + 1), find(teacher, "teacher", t)?, find(student, "student", s)?)))
+        .map(|(i, (t, s))| {
+            Ok((
+                format!("tap{}", i + 1),
+                find(teacher, "teacher", t)?,
+                find(student, "student", s)?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }

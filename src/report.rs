@@ -11,7 +11,13 @@ pub fn analysis_text(a: &ModelAnalysis) -> String {
     let _ = writeln!(out, "model: {}", a.model);
     let _ = writeln!(out, "inputs:");
     for input in &a.inputs {
-        let _ = writeln!(out, "  {}  {}  {}", input.name, input.dtype, show_shape(&input.shape));
+        let _ = writeln!(
+            out,
+            "  {}  {}  {}",
+            input.name,
+            input.dtype,
+            show_shape(&input.shape)
+        );
     }
     let _ = writeln!(out, "stages:");
     for stage in &a.stages {
@@ -19,7 +25,14 @@ pub fn analysis_text(a: &ModelAnalysis) -> String {
             Some(t) => format!("pre-ReLU `{t}`"),
             None => "no pre-ReLU tap".to_string(),
         };
-        let _ = writeln!(out, "  {}  {:<7} {:<18} `{}`  ({pre})", stage.index, stage.name, show_shape(&stage.shape), stage.tensor);
+        let _ = writeln!(
+            out,
+            "  {}  {:<7} {:<18} `{}`  ({pre})",
+            stage.index,
+            stage.name,
+            show_shape(&stage.shape),
+            stage.tensor
+        );
     }
     let _ = writeln!(out, "embedding: {}", tensor(&a.embedding));
     let _ = writeln!(out, "logits:    {}", tensor(&a.logits));
@@ -64,7 +77,11 @@ pub fn plan_text(plan: &Plan) -> String {
     if h.alpha > 0.0 {
         terms.push(format!("{} * KD(T={})", h.alpha, h.temperature));
     }
-    terms.extend(h.beta.iter().map(|(m, b)| format!("{b} * {}", m.as_str().to_uppercase())));
+    terms.extend(
+        h.beta
+            .iter()
+            .map(|(m, b)| format!("{b} * {}", m.as_str().to_uppercase())),
+    );
     let _ = writeln!(out, "loss = {}", terms.join(" + "));
     for &method in &plan.methods {
         let weight = match plan.hyper.beta.get(&method) {
@@ -79,9 +96,16 @@ pub fn plan_text(plan: &Plan) -> String {
             let _ = writeln!(out, "  {}", pair.stage);
             let _ = writeln!(out, "    teacher {}", tensor(&pair.teacher));
             let _ = writeln!(out, "    student {}", tensor(&pair.student));
-            let pool = pair.pool.as_ref().map(|p| format!("{p} (adaptive average)"));
+            let pool = pair
+                .pool
+                .as_ref()
+                .map(|p| format!("{p} (adaptive average)"));
             let _ = writeln!(out, "    pool    {}", pool.as_deref().unwrap_or("none"));
-            let _ = writeln!(out, "    connect {}", pair.connector.as_deref().unwrap_or("none"));
+            let _ = writeln!(
+                out,
+                "    connect {}",
+                pair.connector.as_deref().unwrap_or("none")
+            );
         }
     }
     out.push('\n');
@@ -105,18 +129,43 @@ pub fn plan_dot(plan: &Plan) -> String {
     let mut out = String::from("digraph kdgraph {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
     let mut drawn = std::collections::HashSet::new();
     for (role, model) in [("teacher", &plan.teacher), ("student", &plan.student)] {
-        let _ = writeln!(out, "  subgraph cluster_{role} {{\n    label={};", quote(&format!("{role}: {}", model.model)));
-        let mut chain: Vec<(String, TensorInfo, String)> =
-            model.stages.iter().map(|s| (s.name.clone(), s.info(), s.tensor.clone())).collect();
-        chain.push(("embedding".into(), model.embedding.clone(), model.embedding.tensor.clone()));
-        chain.push(("logits".into(), model.logits.clone(), model.logits.tensor.clone()));
+        let _ = writeln!(
+            out,
+            "  subgraph cluster_{role} {{\n    label={};",
+            quote(&format!("{role}: {}", model.model))
+        );
+        let mut chain: Vec<(String, TensorInfo, String)> = model
+            .stages
+            .iter()
+            .map(|s| (s.name.clone(), s.info(), s.tensor.clone()))
+            .collect();
+        chain.push((
+            "embedding".into(),
+            model.embedding.clone(),
+            model.embedding.tensor.clone(),
+        ));
+        chain.push((
+            "logits".into(),
+            model.logits.clone(),
+            model.logits.tensor.clone(),
+        ));
         for (name, info, tensor) in &chain {
             drawn.insert(format!("{role}:{tensor}"));
             let label = format!("{name}\n{}\n{tensor}", show_shape(&info.shape));
-            let _ = writeln!(out, "    {} [label={}];", quote(&format!("{role}:{tensor}")), quote(&label));
+            let _ = writeln!(
+                out,
+                "    {} [label={}];",
+                quote(&format!("{role}:{tensor}")),
+                quote(&label)
+            );
         }
         for pair in chain.windows(2) {
-            let _ = writeln!(out, "    {} -> {};", quote(&format!("{role}:{}", pair[0].2)), quote(&format!("{role}:{}", pair[1].2)));
+            let _ = writeln!(
+                out,
+                "    {} -> {};",
+                quote(&format!("{role}:{}", pair[0].2)),
+                quote(&format!("{role}:{}", pair[1].2))
+            );
         }
         out.push_str("  }\n");
     }
@@ -127,7 +176,12 @@ pub fn plan_dot(plan: &Plan) -> String {
             let id = format!("{role}:{}", info.tensor);
             if drawn.insert(id.clone()) {
                 let label = format!("{}\n{}", show_shape(&info.shape), info.tensor);
-                let _ = writeln!(out, "  {} [label={}, style=dotted];", quote(&id), quote(&label));
+                let _ = writeln!(
+                    out,
+                    "  {} [label={}, style=dotted];",
+                    quote(&id),
+                    quote(&label)
+                );
             }
         }
         let _ = writeln!(
@@ -143,5 +197,10 @@ pub fn plan_dot(plan: &Plan) -> String {
 }
 
 fn quote(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
+    format!(
+        "\"{}\"",
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    )
 }

@@ -1,8 +1,13 @@
 //! "Did you mean" suggestions: the names closest to a mistyped one by edit distance.
 
 /// The `count` candidates closest to `wanted`, closest first.
-pub fn nearest<'a>(wanted: &str, candidates: impl Iterator<Item = &'a str>, count: usize) -> Vec<&'a str> {
-    let mut scored: Vec<(usize, &str)> = candidates.map(|c| (edit_distance(wanted, c), c)).collect();
+pub fn nearest<'a>(
+    wanted: &str,
+    candidates: impl Iterator<Item = &'a str>,
+    count: usize,
+) -> Vec<&'a str> {
+    let mut scored: Vec<(usize, &str)> =
+        candidates.map(|c| (edit_distance(wanted, c), c)).collect();
     scored.sort();
     scored.into_iter().take(count).map(|(_, c)| c).collect()
 }
@@ -16,7 +21,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, &cb) in b.iter().enumerate() {
             let above = row[j + 1];
-            row[j + 1] = (diagonal + usize::from(ca != cb)).min(above + 1).min(row[j] + 1);
+            row[j + 1] = (diagonal + usize::from(ca != cb))
+                .min(above + 1)
+                .min(row[j] + 1);
             diagonal = above;
         }
     }
@@ -30,7 +37,10 @@ mod tests {
     #[test]
     fn closest_names_come_first() {
         let names = ["layer1_out", "layer2_out", "logits"];
-        assert_eq!(nearest("layer2_ou", names.into_iter(), 2), vec!["layer2_out", "layer1_out"]);
+        assert_eq!(
+            nearest("layer2_ou", names.into_iter(), 2),
+            vec!["layer2_out", "layer1_out"]
+        );
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub struct Dataflow<'a> {
 
 impl<'a> Dataflow<'a> {
     pub fn new(graph: &'a pb::GraphProto) -> Self {
-        let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let initializers: HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
         let mut data: HashSet<&str> = graph
             .input
             .iter()
@@ -44,7 +45,10 @@ impl<'a> Dataflow<'a> {
             for input in node.input.iter().filter(|i| data.contains(i.as_str())) {
                 reads_data = true;
                 consumers.entry(input.as_str()).or_default().push(index);
-                let from = producer.get(input.as_str()).map(|&p| NodeIndex::new(p + 1)).unwrap_or(source);
+                let from = producer
+                    .get(input.as_str())
+                    .map(|&p| NodeIndex::new(p + 1))
+                    .unwrap_or(source);
                 flow.update_edge(from, vertex, ());
             }
             for output in node.output.iter().filter(|o| !o.is_empty()) {
@@ -54,7 +58,14 @@ impl<'a> Dataflow<'a> {
                 }
             }
         }
-        Dataflow { graph, flow, data, producer, consumers, initializers }
+        Dataflow {
+            graph,
+            flow,
+            data,
+            producer,
+            consumers,
+            initializers,
+        }
     }
 
     pub fn producer(&self, tensor: &str) -> Option<&'a pb::NodeProto> {
@@ -70,24 +81,38 @@ impl<'a> Dataflow<'a> {
     }
 
     /// The inputs of a node that carry data (not weights, not shapes).
-    pub fn data_inputs<'n>(&'n self, node: &'n pb::NodeProto) -> impl Iterator<Item = &'n str> + 'n {
-        node.input.iter().map(String::as_str).filter(move |i| self.data.contains(i))
+    pub fn data_inputs<'n>(
+        &'n self,
+        node: &'n pb::NodeProto,
+    ) -> impl Iterator<Item = &'n str> + 'n {
+        node.input
+            .iter()
+            .map(String::as_str)
+            .filter(move |i| self.data.contains(i))
     }
 
     /// The cut tensors on the way to `target`: tensors that every data path from the graph
     /// inputs to `target` passes through, in order from the input side, ending with `target`.
     pub fn cuts_to(&self, target: &str) -> Vec<&'a str> {
-        let Some(&target_node) = self.producer.get(target) else { return Vec::new() };
+        let Some(&target_node) = self.producer.get(target) else {
+            return Vec::new();
+        };
         let target_vertex = NodeIndex::new(target_node + 1);
         let ancestors = self.ancestors(target_vertex);
         let doms = dominators::simple_fast(&self.flow, NodeIndex::new(0));
-        let Some(chain) = doms.dominators(target_vertex) else { return Vec::new() };
+        let Some(chain) = doms.dominators(target_vertex) else {
+            return Vec::new();
+        };
         let mut cuts: Vec<&str> = chain
             .filter(|v| v.index() > 0)
             .filter_map(|v| {
                 let node = &self.graph.node[v.index() - 1];
                 if v == target_vertex {
-                    return node.output.iter().find(|o| *o == target).map(String::as_str);
+                    return node
+                        .output
+                        .iter()
+                        .find(|o| *o == target)
+                        .map(String::as_str);
                 }
                 let mut onward = node.output.iter().filter(|o| {
                     self.data.contains(o.as_str()) && self.is_read_by_any(o, &ancestors)
@@ -103,12 +128,18 @@ impl<'a> Dataflow<'a> {
     }
 
     fn is_read_by_any(&self, tensor: &str, vertices: &HashSet<NodeIndex>) -> bool {
-        self.consumers.get(tensor).is_some_and(|c| c.iter().any(|&n| vertices.contains(&NodeIndex::new(n + 1))))
+        self.consumers
+            .get(tensor)
+            .is_some_and(|c| c.iter().any(|&n| vertices.contains(&NodeIndex::new(n + 1))))
     }
 
     /// The nodes that read a data tensor.
     pub fn consumers(&self, tensor: &str) -> impl Iterator<Item = &'a pb::NodeProto> + '_ {
-        self.consumers.get(tensor).into_iter().flatten().map(|&n| &self.graph.node[n])
+        self.consumers
+            .get(tensor)
+            .into_iter()
+            .flatten()
+            .map(|&n| &self.graph.node[n])
     }
 
     /// Every vertex from which `target` can be reached, `target` included.

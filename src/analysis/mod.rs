@@ -41,12 +41,18 @@ pub struct Stage {
 
 impl Stage {
     pub fn info(&self) -> TensorInfo {
-        TensorInfo { tensor: self.tensor.clone(), shape: self.shape.clone() }
+        TensorInfo {
+            tensor: self.tensor.clone(),
+            shape: self.shape.clone(),
+        }
     }
 
     /// The tensor before the stage's final ReLU, with its shape (the same as the stage's).
     pub fn pre_relu_info(&self) -> Option<TensorInfo> {
-        self.pre_relu.as_ref().map(|t| TensorInfo { tensor: t.clone(), shape: self.shape.clone() })
+        self.pre_relu.as_ref().map(|t| TensorInfo {
+            tensor: t.clone(),
+            shape: self.shape.clone(),
+        })
     }
 }
 
@@ -82,13 +88,19 @@ impl ModelAnalysis {
         if !self.data_tensors.iter().any(|t| t == tensor) {
             return None;
         }
-        self.shapes.get(tensor).map(|s| TensorInfo { tensor: tensor.to_string(), shape: s.clone() })
+        self.shapes.get(tensor).map(|s| TensorInfo {
+            tensor: tensor.to_string(),
+            shape: s.clone(),
+        })
     }
 }
 
 /// Analyses a normalised model; `shown` is the file name used in messages.
 pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
-    let graph = model.graph.as_ref().ok_or_else(|| Error::input(format!("`{shown}` holds no graph")))?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| Error::input(format!("`{shown}` holds no graph")))?;
     let shapes = shapes::infer_shapes(model, shown)?;
     let flow = Dataflow::new(graph);
     let initializers = proto::initializers(graph);
@@ -99,28 +111,44 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         .map(|i| InputInfo {
             name: i.name.clone(),
             shape: shapes.get(&i.name).cloned().unwrap_or_default(),
-            dtype: proto::value_elem_type(i).map(proto::dtype_name).unwrap_or("unknown").to_string(),
+            dtype: proto::value_elem_type(i)
+                .map(proto::dtype_name)
+                .unwrap_or("unknown")
+                .to_string(),
         })
         .collect();
     if inputs.is_empty() {
-        return Err(Error::input(format!("`{shown}` has no graph input to feed")));
+        return Err(Error::input(format!(
+            "`{shown}` has no graph input to feed"
+        )));
     }
     let logits = find_logits(graph, &shapes, shown)?;
     let found = taps::find_taps(&flow, &shapes, &logits, shown)?;
-    let info = |t: &str| TensorInfo { tensor: t.to_string(), shape: shapes.get(t).cloned().unwrap_or_default() };
+    let info = |t: &str| TensorInfo {
+        tensor: t.to_string(),
+        shape: shapes.get(t).cloned().unwrap_or_default(),
+    };
     let stages = found
         .spatial
         .iter()
         .enumerate()
         .map(|(index, tensor)| Stage {
             index,
-            name: if index == 0 { "stem".to_string() } else { format!("stage{index}") },
+            name: if index == 0 {
+                "stem".to_string()
+            } else {
+                format!("stage{index}")
+            },
             tensor: tensor.clone(),
             shape: info(tensor).shape,
             pre_relu: taps::pre_relu(&flow, tensor).map(str::to_string),
         })
         .collect();
-    let batchnorms = graph.node.iter().filter(|n| n.op_type == "BatchNormalization").count();
+    let batchnorms = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "BatchNormalization")
+        .count();
     Ok(ModelAnalysis {
         model: shown.to_string(),
         inputs,
@@ -130,13 +158,23 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         warnings: Vec::new(),
         notes: found.notes,
         batchnorms,
-        data_tensors: graph.node.iter().flat_map(|n| n.output.iter()).filter(|t| flow.is_data(t)).cloned().collect(),
+        data_tensors: graph
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter())
+            .filter(|t| flow.is_data(t))
+            .cloned()
+            .collect(),
         shapes,
     })
 }
 
 /// The logits: the first graph output of shape [N, classes].
-fn find_logits(graph: &pb::GraphProto, shapes: &HashMap<String, Shape>, shown: &str) -> Result<String> {
+fn find_logits(
+    graph: &pb::GraphProto,
+    shapes: &HashMap<String, Shape>,
+    shown: &str,
+) -> Result<String> {
     graph
         .output
         .iter()

@@ -38,7 +38,10 @@ fn own_path(flow: &Dataflow, node: &pb::NodeProto) -> Option<String> {
         if components.len() >= 2 {
             let mut parts: Vec<&str> = Vec::new();
             for component in &components[..components.len() - 1] {
-                if parts.last().is_some_and(|last| component.starts_with(&format!("{last}."))) {
+                if parts
+                    .last()
+                    .is_some_and(|last| component.starts_with(&format!("{last}.")))
+                {
                     parts.pop();
                 }
                 parts.push(component);

@@ -46,15 +46,20 @@ pub fn fixed(dim: &Dim) -> Option<i64> {
 /// Runs tract's shape inference on a (normalised) model and returns the known shapes by tensor name.
 pub fn infer_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Shape>> {
     let onnx = tract_onnx::onnx();
-    let parsed = onnx
-        .parse(model, None)
-        .map_err(|e| Error::input(format!("`{shown}`: tract cannot read the graph: {}", root_cause(&e))))?;
+    let parsed = onnx.parse(model, None).map_err(|e| {
+        Error::input(format!(
+            "`{shown}`: tract cannot read the graph: {}",
+            root_cause(&e)
+        ))
+    })?;
     let mut inference = parsed.model;
     // Obstinate: keep every fact that can be found even where one node cannot be analysed.
     let _ = inference.analyse(true);
     let mut shapes = HashMap::with_capacity(parsed.outlets_by_name.len());
     for (name, outlet) in &parsed.outlets_by_name {
-        let Ok(fact) = inference.outlet_fact(*outlet) else { continue };
+        let Ok(fact) = inference.outlet_fact(*outlet) else {
+            continue;
+        };
         if let Some(dims) = fact.shape.concretize() {
             shapes.insert(name.clone(), dims.iter().map(to_dim).collect());
         }
@@ -70,5 +75,8 @@ fn to_dim(dim: &TDim) -> Dim {
 }
 
 fn root_cause(e: &TractError) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }

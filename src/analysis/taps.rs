@@ -10,7 +10,16 @@ use crate::error::{Error, Result};
 use crate::onnx::{pb, proto};
 
 /// Activations that may close a conv unit or a head.
-const ACTIVATIONS: [&str; 8] = ["Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid", "Elu", "Selu", "Gelu"];
+const ACTIVATIONS: [&str; 8] = [
+    "Relu",
+    "Clip",
+    "LeakyRelu",
+    "HardSwish",
+    "Sigmoid",
+    "Elu",
+    "Selu",
+    "Gelu",
+];
 /// Ops that pass the embedding through unchanged at inference.
 const PASS_THROUGH: [&str; 2] = ["Dropout", "Identity"];
 
@@ -26,10 +35,16 @@ pub struct Taps {
 }
 
 /// Finds the taps of a model from its dataflow and tensor shapes.
-pub fn find_taps(flow: &Dataflow, shapes: &HashMap<String, Shape>, logits: &str, shown: &str) -> Result<Taps> {
+pub fn find_taps(
+    flow: &Dataflow,
+    shapes: &HashMap<String, Shape>,
+    logits: &str,
+    shown: &str,
+) -> Result<Taps> {
     let cuts = flow.cuts_to(logits);
     let classifier = cuts.iter().rposition(|t| {
-        flow.producer(t).is_some_and(|n| n.op_type == "Gemm" || n.op_type == "MatMul")
+        flow.producer(t)
+            .is_some_and(|n| n.op_type == "Gemm" || n.op_type == "MatMul")
     });
     let embedding = match classifier {
         Some(i) => {
@@ -55,7 +70,10 @@ pub fn find_taps(flow: &Dataflow, shapes: &HashMap<String, Shape>, logits: &str,
                 ))
             })?,
     };
-    let before_embedding = cuts.iter().position(|t| *t == embedding).unwrap_or(cuts.len());
+    let before_embedding = cuts
+        .iter()
+        .position(|t| *t == embedding)
+        .unwrap_or(cuts.len());
     let spatial_cuts: Vec<&str> = cuts[..before_embedding]
         .iter()
         .copied()
@@ -98,7 +116,12 @@ pub fn find_taps(flow: &Dataflow, shapes: &HashMap<String, Shape>, logits: &str,
             }
         }
     }
-    Ok(Taps { spatial, embedding, logits: logits.to_string(), notes })
+    Ok(Taps {
+        spatial,
+        embedding,
+        logits: logits.to_string(),
+        notes,
+    })
 }
 
 /// (H, W) of an NCHW tensor with fixed spatial dims.
@@ -129,7 +152,9 @@ fn group_by_resolution<'a>(cuts: &[&'a str], shapes: &HashMap<String, Shape>) ->
 }
 
 fn op_of<'a>(flow: &Dataflow<'a>, tensor: &str) -> &'a str {
-    flow.producer(tensor).map(|n| n.op_type.as_str()).unwrap_or("")
+    flow.producer(tensor)
+        .map(|n| n.op_type.as_str())
+        .unwrap_or("")
 }
 
 /// The end of the first conv unit in a group: the first Conv, then the BatchNormalization and
@@ -137,9 +162,11 @@ fn op_of<'a>(flow: &Dataflow<'a>, tensor: &str) -> &'a str {
 /// nodes of the first stage's block begin (as a WideResNet's pre-activation BN does).
 fn first_unit_end<'a>(flow: &Dataflow, group: &[&'a str], first_stage: &str) -> Option<&'a str> {
     let start = group.iter().position(|t| op_of(flow, t) == "Conv")?;
-    let extends = |i: usize| i + 1 < group.len() && {
-        let op = op_of(flow, group[i + 1]);
-        op == "BatchNormalization" || ACTIVATIONS.contains(&op)
+    let extends = |i: usize| {
+        i + 1 < group.len() && {
+            let op = op_of(flow, group[i + 1]);
+            op == "BatchNormalization" || ACTIVATIONS.contains(&op)
+        }
     };
     let mut end = start;
     while extends(end) {
@@ -157,7 +184,12 @@ fn first_unit_end<'a>(flow: &Dataflow, group: &[&'a str], first_stage: &str) -> 
 }
 
 /// The stem is a stage of its own where channel count or module scope tells it from the first stage.
-fn told_apart(flow: &Dataflow, shapes: &HashMap<String, Shape>, stem: &str, first_stage: &str) -> bool {
+fn told_apart(
+    flow: &Dataflow,
+    shapes: &HashMap<String, Shape>,
+    stem: &str,
+    first_stage: &str,
+) -> bool {
     channels(shapes, stem) != channels(shapes, first_stage)
         || scope(flow, stem, 1) != scope(flow, first_stage, 1)
 }
@@ -186,7 +218,9 @@ fn before_trailing_unit<'a>(flow: &Dataflow, group: &[&'a str]) -> Option<&'a st
 }
 
 fn is_pointwise_conv(flow: &Dataflow, tensor: &str) -> bool {
-    let Some(node) = flow.producer(tensor).filter(|n| n.op_type == "Conv") else { return false };
+    let Some(node) = flow.producer(tensor).filter(|n| n.op_type == "Conv") else {
+        return false;
+    };
     if let Some(kernel) = proto::attr_ints(node, "kernel_shape") {
         return kernel.iter().all(|&k| k == 1);
     }

@@ -1,7 +1,7 @@
 //! AT (attention transfer, p = 2): normalised spatial attention maps of every stage end.
 
-use super::{Method, TapKind, Weights};
 use super::{LossContext, Side};
+use super::{Method, TapKind, Weights};
 use crate::error::Result;
 use crate::plan::TapPair;
 
@@ -17,7 +17,11 @@ impl Method for At {
     }
 
     fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 1000.0 }
+        Weights {
+            gamma: 1.0,
+            alpha: 0.0,
+            beta: 1000.0,
+        }
     }
 
     fn pools(&self) -> bool {
@@ -25,7 +29,7 @@ impl Method for At {
     }
 
     /// Sum over pairs of the mean squared difference of normalised attention maps.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
         let mut terms = Vec::new();
         for pair in pairs {
             let mut maps = Vec::new();
@@ -33,12 +37,20 @@ impl Method for At {
                 let f = ctx.tap(pair, side);
                 let base = ctx.name(&format!("{}/{side}_attention", pair.stage));
                 let squared = ctx.b.square(&f, &format!("{base}/squared"));
-                let channel_mean = ctx.b.reduce_mean(&squared, &[1], &format!("{base}/channel_mean"));
-                let flat = ctx.b.op("Flatten", &[&channel_mean], vec![], &format!("{base}/flat"));
+                let channel_mean =
+                    ctx.b
+                        .reduce_mean(&squared, &[1], &format!("{base}/channel_mean"));
+                let flat = ctx
+                    .b
+                    .op("Flatten", &[&channel_mean], vec![], &format!("{base}/flat"));
                 maps.push(ctx.b.l2_normalize(&flat, 1, &base));
             }
-            terms.push(ctx.b.mse(&maps[0], &maps[1], &ctx.name(&format!("{}/mse", pair.stage))));
+            terms.push(ctx.b.mse(
+                &maps[0],
+                &maps[1],
+                &ctx.name(&format!("{}/mse", pair.stage)),
+            ));
         }
-        Ok(ctx.b.sum_of(&terms, &ctx.name("term")))
+        Ok(Some(ctx.b.sum_of(&terms, &ctx.name("term"))))
     }
 }

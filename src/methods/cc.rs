@@ -2,10 +2,10 @@
 //! samples' absolute differences.
 
 use super::connector::features;
+use super::LossContext;
 use super::{Connector, Layer, Method, Side, TapKind, Weights};
 use crate::analysis::TensorInfo;
 use crate::error::Result;
-use super::LossContext;
 use crate::plan::TapPair;
 
 pub struct Cc;
@@ -23,22 +23,37 @@ impl Method for Cc {
     }
 
     fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 0.02 }
+        Weights {
+            gamma: 1.0,
+            alpha: 0.0,
+            beta: 0.02,
+        }
     }
 
     /// A trainable linear to 128 on each side (the teacher-side one is trained too).
     fn connectors(&self, teacher: &TensorInfo, student: &TensorInfo) -> Result<Vec<Connector>> {
         let linear = |info: &TensorInfo| -> Result<Vec<Layer>> {
-            Ok(vec![Layer::Linear { in_features: features(info)?, out_features: EMBED_DIM }])
+            Ok(vec![Layer::Linear {
+                in_features: features(info)?,
+                out_features: EMBED_DIM,
+            }])
         };
         Ok(vec![
-            Connector { name: "embed", side: Side::Student, layers: linear(student)? },
-            Connector { name: "embed", side: Side::Teacher, layers: linear(teacher)? },
+            Connector {
+                name: "embed",
+                side: Side::Student,
+                layers: linear(student)?,
+            },
+            Connector {
+                name: "embed",
+                side: Side::Teacher,
+                layers: linear(teacher)?,
+            },
         ])
     }
 
     /// `mean over i < B-1 of sum_d |e_s - e_t|[i,d] * |e_s - e_t|[i+1,d]`; 0 at batch 1.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
         let pair = pairs[0];
         let e_s = ctx.tap(pair, Side::Student);
         let e_t = ctx.tap(pair, Side::Teacher);
@@ -54,6 +69,6 @@ impl Method for Cc {
         let one = b.scalar("kd/cc/one", 1.0);
         let adjacent = b.sub(&batch, &one, "kd/cc/adjacent_pairs");
         let count = b.op("Max", &[&adjacent, &one], vec![], "kd/cc/pair_count");
-        Ok(b.div(&total, &count, "kd/cc/term"))
+        Ok(Some(b.div(&total, &count, "kd/cc/term")))
     }
 }

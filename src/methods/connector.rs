@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::analysis::{show_shape, shapes::fixed, TensorInfo};
+use crate::analysis::{shapes::fixed, show_shape, TensorInfo};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -24,16 +24,45 @@ impl fmt::Display for Side {
     }
 }
 
+/// How a conv's weight starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvInit {
+    /// PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    TorchDefault,
+    /// N(0, 2 / (kh * kw * out_channels)), as OFD's connector.
+    HeOut,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Layer {
-    Conv { in_channels: i64, out_channels: i64, kernel: [i64; 2], stride: i64, pad: i64, bias: bool },
+    Conv {
+        in_channels: i64,
+        out_channels: i64,
+        kernel: [i64; 2],
+        stride: i64,
+        pad: i64,
+        bias: bool,
+        init: ConvInit,
+    },
     /// Nearest-neighbour upsampling by 2 of a C x H x W map (then a conv, in place of a transposed conv).
-    Upsample2x { channels: i64, height: i64, width: i64 },
-    BatchNorm { channels: i64 },
+    Upsample2x {
+        channels: i64,
+        height: i64,
+        width: i64,
+    },
+    BatchNorm {
+        channels: i64,
+    },
     Relu,
-    LeakyRelu { slope: f64 },
-    Linear { in_features: i64, out_features: i64 },
+    LeakyRelu {
+        slope: f64,
+    },
+    Linear {
+        in_features: i64,
+        out_features: i64,
+    },
     /// x / ||x||_2 along the feature axis.
     L2Normalize,
 }
@@ -41,7 +70,13 @@ pub enum Layer {
 impl fmt::Display for Layer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Layer::Conv { in_channels, out_channels, kernel, stride, .. } => {
+            Layer::Conv {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                ..
+            } => {
                 write!(f, "conv{}x{}", kernel[0], kernel[1])?;
                 if *stride != 1 {
                     write!(f, "/{stride}")?;
@@ -52,7 +87,10 @@ impl fmt::Display for Layer {
             Layer::BatchNorm { .. } => f.write_str("BN"),
             Layer::Relu => f.write_str("ReLU"),
             Layer::LeakyRelu { .. } => f.write_str("LeakyReLU"),
-            Layer::Linear { in_features, out_features } => write!(f, "linear {in_features}->{out_features}"),
+            Layer::Linear {
+                in_features,
+                out_features,
+            } => write!(f, "linear {in_features}->{out_features}"),
             Layer::L2Normalize => f.write_str("L2-normalise"),
         }
     }
@@ -86,7 +124,15 @@ impl fmt::Display for Connector {
 }
 
 pub fn conv(in_channels: i64, out_channels: i64, kernel: i64, stride: i64, bias: bool) -> Layer {
-    Layer::Conv { in_channels, out_channels, kernel: [kernel, kernel], stride, pad: kernel / 2, bias }
+    Layer::Conv {
+        in_channels,
+        out_channels,
+        kernel: [kernel, kernel],
+        stride,
+        pad: kernel / 2,
+        bias,
+        init: ConvInit::TorchDefault,
+    }
 }
 
 /// (C, H, W) of an NCHW tap with fixed channel and spatial dims.
@@ -132,10 +178,25 @@ pub fn size_matching_conv(teacher: &TensorInfo, student: &TensorInfo) -> Result<
     if s_h == 2 * t_h && s_w == 2 * t_w {
         Ok(vec![conv(s_c, t_c, 3, 2, true)])
     } else if 2 * s_h == t_h && 2 * s_w == t_w {
-        Ok(vec![Layer::Upsample2x { channels: s_c, height: s_h, width: s_w }, conv(s_c, t_c, 3, 1, true)])
+        Ok(vec![
+            Layer::Upsample2x {
+                channels: s_c,
+                height: s_h,
+                width: s_w,
+            },
+            conv(s_c, t_c, 3, 1, true),
+        ])
     } else if s_h >= t_h && s_w >= t_w {
         let kernel = [1 + s_h - t_h, 1 + s_w - t_w];
-        Ok(vec![Layer::Conv { in_channels: s_c, out_channels: t_c, kernel, stride: 1, pad: 0, bias: true }])
+        Ok(vec![Layer::Conv {
+            in_channels: s_c,
+            out_channels: t_c,
+            kernel,
+            stride: 1,
+            pad: 0,
+            bias: true,
+            init: ConvInit::TorchDefault,
+        }])
     } else {
         Err(Error::input(format!(
             "student tap `{}` ({s_h}x{s_w}) is smaller than teacher tap `{}` ({t_h}x{t_w}) by a factor other than 2; \

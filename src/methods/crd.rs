@@ -1,40 +1,221 @@
-//! CRD (contrastive representation distillation): NCE over memory banks of embeddings.
+//! CRD (contrastive representation distillation): NCE over memory banks of embeddings, with the
+//! banks and the normalisers as state that the graph reads and writes back.
 
 use super::connector::features;
-use super::{Connector, Layer, Method, Side, TapKind, Weights};
-use crate::analysis::TensorInfo;
-use crate::error::Result;
+use super::{Connector, Layer, LossContext, Method, Side, TapKind, Weights};
+use crate::analysis::{Dim, TensorInfo};
+use crate::error::{Error, Result};
+use crate::joint::Role;
+use crate::onnx::builder::{Attr, GraphBuilder};
+use crate::plan::TapPair;
 
 pub struct Crd;
 
 /// RepDistiller's `feat_dim`.
-const EMBED_DIM: i64 = 128;
+pub const EMBED_DIM: i64 = 128;
+/// `nce_k`, `nce_t`, `nce_m` of RepDistiller.
+pub const DEFAULT_NEGATIVES: i64 = 16384;
+const TEMPERATURE: f32 = 0.07;
+const MOMENTUM: f32 = 0.5;
+const EPS: f32 = 1e-7;
+
+pub const INDEX: &str = "kd/crd/index";
+pub const CONTRAST_INDEX: &str = "kd/crd/contrast_index";
+pub const MEMORY_STUDENT: &str = "kd/crd/memory_student";
+pub const MEMORY_TEACHER: &str = "kd/crd/memory_teacher";
+pub const Z: &str = "kd/crd/z";
 
 impl Method for Crd {
     fn id(&self) -> &'static str {
         "crd"
     }
 
-    fn taps(&self) -> TapKind {
-        TapKind::Embedding
-    }
-
     fn remark(&self) -> Option<&'static str> {
         Some("needs the data loader's sample indices and contrast indices, and carries two memory banks as state inputs and outputs")
     }
 
+    fn taps(&self) -> TapKind {
+        TapKind::Embedding
+    }
+
     fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 0.8 }
+        Weights {
+            gamma: 1.0,
+            alpha: 0.0,
+            beta: 0.8,
+        }
     }
 
     /// A trainable linear to 128 then L2 normalisation on each side.
     fn connectors(&self, teacher: &TensorInfo, student: &TensorInfo) -> Result<Vec<Connector>> {
         let embed = |info: &TensorInfo| -> Result<Vec<Layer>> {
-            Ok(vec![Layer::Linear { in_features: features(info)?, out_features: EMBED_DIM }, Layer::L2Normalize])
+            Ok(vec![
+                Layer::Linear {
+                    in_features: features(info)?,
+                    out_features: EMBED_DIM,
+                },
+                Layer::L2Normalize,
+            ])
         };
         Ok(vec![
-            Connector { name: "embed", side: Side::Student, layers: embed(student)? },
-            Connector { name: "embed", side: Side::Teacher, layers: embed(teacher)? },
+            Connector {
+                name: "embed",
+                side: Side::Student,
+                layers: embed(student)?,
+            },
+            Connector {
+                name: "embed",
+                side: Side::Teacher,
+                layers: embed(teacher)?,
+            },
         ])
     }
+
+    /// `loss(out_s / Z_s) + loss(out_t / Z_t)` with the NCE loss of METHODS.md 13; memories and Z
+    /// are inputs, their updates outputs.
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
+        let pair = pairs[0];
+        let crd = ctx.hyper.crd.clone().ok_or_else(|| {
+            Error::usage("crd needs --crd-n-data N, the number of samples in the training set (the size of its memory banks)")
+        })?;
+        let e_s = ctx.tap(pair, Side::Student);
+        let e_t = ctx.tap(pair, Side::Teacher);
+        let batch_dim = ctx.batch_dim.clone();
+        let n_data = crd.n_data;
+        let k = crd.negatives;
+        let state = |name: &str, dtype: &str, shape: Vec<Dim>| Role {
+            name: name.into(),
+            role: "state",
+            dtype: dtype.into(),
+            shape,
+        };
+        let memory_shape = vec![Dim::Fixed(n_data), Dim::Fixed(EMBED_DIM)];
+        ctx.state_inputs.extend([
+            state(INDEX, "int64", vec![batch_dim.clone()]),
+            state(CONTRAST_INDEX, "int64", vec![batch_dim, Dim::Fixed(k + 1)]),
+            state(MEMORY_STUDENT, "float32", memory_shape.clone()),
+            state(MEMORY_TEACHER, "float32", memory_shape.clone()),
+            state(Z, "float32", vec![Dim::Fixed(2)]),
+        ]);
+        let image = ctx.image.clone();
+        let b = &mut *ctx.b;
+        // Scores: the teacher's embedding against the student memory, and the other way round.
+        let out_t = scores(b, MEMORY_STUDENT, &e_t, k, "kd/crd/teacher_scores");
+        let out_s = scores(b, MEMORY_TEACHER, &e_s, k, "kd/crd/student_scores");
+        let z_s = normaliser(b, &out_s, 0, n_data, "kd/crd/z_student");
+        let z_t = normaliser(b, &out_t, 1, n_data, "kd/crd/z_teacher");
+        let p_s = b.div(&out_s, &z_s, "kd/crd/student_normalised");
+        let p_t = b.div(&out_t, &z_t, "kd/crd/teacher_normalised");
+        let batch = b.batch_size(&image, "kd/crd/batch");
+        let l_s = contrast_loss(b, &p_s, k, n_data, &batch, "kd/crd/student_loss");
+        let l_t = contrast_loss(b, &p_t, k, n_data, &batch, "kd/crd/teacher_loss");
+        let term = b.add(&l_s, &l_t, "kd/crd/term");
+        // State updates: memories move towards this batch's embeddings; Z is fixed once estimated.
+        for (memory, embedding, role) in [
+            (MEMORY_STUDENT, &e_s, "student"),
+            (MEMORY_TEACHER, &e_t, "teacher"),
+        ] {
+            let next = update_memory(
+                b,
+                memory,
+                embedding,
+                &format!("kd/crd/memory_{role}_update"),
+            );
+            let output = format!("{memory}_next");
+            b.node("Identity", &[&next], &[&output], vec![], &output);
+            ctx.state_outputs
+                .push(state(&output, "float32", memory_shape.clone()));
+        }
+        let z_both = b.op(
+            "Concat",
+            &[&z_s, &z_t],
+            vec![("axis", Attr::Int(0))],
+            "kd/crd/z_used",
+        );
+        let z_next = format!("{Z}_next");
+        b.node("Identity", &[&z_both], &[&z_next], vec![], &z_next);
+        ctx.state_outputs
+            .push(state(&z_next, "float32", vec![Dim::Fixed(2)]));
+        Ok(Some(term))
+    }
+}
+
+/// `exp(memory[contrast_index] . e / tau)`, shape [B, K+1].
+fn scores(b: &mut GraphBuilder, memory: &str, embedding: &str, k: i64, base: &str) -> String {
+    let weights = b.op(
+        "Gather",
+        &[memory, CONTRAST_INDEX],
+        vec![("axis", Attr::Int(0))],
+        &format!("{base}/memory_rows"),
+    );
+    let column = b.unsqueeze(embedding, &[2], &format!("{base}/embedding_column"));
+    let dots = b.matmul(&weights, &column, &format!("{base}/dots"));
+    let flat = b.reshape(&dots, &[-1, k + 1], &format!("{base}/flat"));
+    let tau = b.scalar(&format!("{base}/tau"), TEMPERATURE);
+    let scaled = b.div(&flat, &tau, &format!("{base}/scaled"));
+    b.unary("Exp", &scaled, base)
+}
+
+/// `z[slot]` where it is set (>= 0), else `mean(out) * n_data` from this batch, without gradient; shape [1].
+fn normaliser(b: &mut GraphBuilder, out: &str, slot: i64, n_data: i64, base: &str) -> String {
+    let index = b.const_i64(&format!("{base}/slot"), &[1], &[slot]);
+    let given = b.op(
+        "Gather",
+        &[Z, &index],
+        vec![("axis", Attr::Int(0))],
+        &format!("{base}/given"),
+    );
+    let mean = b.mean_all(out, &format!("{base}/batch_mean"));
+    let n = b.scalar(&format!("{base}/n_data"), n_data as f32);
+    let estimate = b.mul(&mean, &n, &format!("{base}/estimate"));
+    let detached = b.detach_positive(&estimate, &format!("{base}/estimate_detached"));
+    let estimate = b.reshape(&detached, &[1], &format!("{base}/estimate_vector"));
+    let zero = b.scalar(&format!("{base}/zero"), 0.0);
+    let unset = b.op("Less", &[&given, &zero], vec![], &format!("{base}/unset"));
+    b.op("Where", &[&unset, &estimate, &given], vec![], base)
+}
+
+/// `-(sum_b log(x_0 / (x_0 + P + eps)) + sum_{b,k>=1} log(P / (x_k + P + eps))) / B`, `P = K / N`.
+fn contrast_loss(
+    b: &mut GraphBuilder,
+    x: &str,
+    k: i64,
+    n_data: i64,
+    batch: &str,
+    base: &str,
+) -> String {
+    let p = b.scalar(&format!("{base}/p"), k as f32 / n_data as f32);
+    let eps = b.scalar(&format!("{base}/eps"), EPS);
+    let p_eps = b.add(&p, &eps, &format!("{base}/p_eps"));
+    let positive = b.slice(x, 1, 0, 1, &format!("{base}/positive"));
+    let negatives = b.slice(x, 1, 1, i64::MAX, &format!("{base}/negatives"));
+    let positive_den = b.add(&positive, &p_eps, &format!("{base}/positive_den"));
+    let positive_ratio = b.div(&positive, &positive_den, &format!("{base}/positive_ratio"));
+    let positive_log = b.unary("Log", &positive_ratio, &format!("{base}/positive_log"));
+    let negative_den = b.add(&negatives, &p_eps, &format!("{base}/negative_den"));
+    let negative_ratio = b.div(&p, &negative_den, &format!("{base}/negative_ratio"));
+    let negative_log = b.unary("Log", &negative_ratio, &format!("{base}/negative_log"));
+    let positive_sum = b.sum_all(&positive_log, &format!("{base}/positive_sum"));
+    let negative_sum = b.sum_all(&negative_log, &format!("{base}/negative_sum"));
+    let total = b.add(&positive_sum, &negative_sum, &format!("{base}/total"));
+    let mean = b.div(&total, batch, &format!("{base}/mean"));
+    b.unary("Neg", &mean, base)
+}
+
+/// `memory[index] <- N(m * memory[index] + (1 - m) * e)`.
+fn update_memory(b: &mut GraphBuilder, memory: &str, embedding: &str, base: &str) -> String {
+    let rows = b.op(
+        "Gather",
+        &[memory, INDEX],
+        vec![("axis", Attr::Int(0))],
+        &format!("{base}/rows"),
+    );
+    let m = b.scalar(&format!("{base}/momentum"), MOMENTUM);
+    let one_minus = b.scalar(&format!("{base}/one_minus_momentum"), 1.0 - MOMENTUM);
+    let kept = b.mul(&rows, &m, &format!("{base}/kept"));
+    let fresh = b.mul(embedding, &one_minus, &format!("{base}/fresh"));
+    let mixed = b.add(&kept, &fresh, &format!("{base}/mixed"));
+    let normalised = b.l2_normalize(&mixed, 1, &format!("{base}/normalised"));
+    let indices = b.unsqueeze(INDEX, &[1], &format!("{base}/indices"));
+    b.op("ScatterND", &[memory, &indices, &normalised], vec![], base)
 }

@@ -2,9 +2,10 @@
 //! init stage, a translator on the student's; L1 between normalised factors.
 
 use super::connector::{chw, conv};
-use super::{Connector, Layer, Method, Side, TapKind, Weights};
+use super::{Connector, Layer, LossContext, Method, Side, Stage, TapKind, Weights};
 use crate::analysis::TensorInfo;
 use crate::error::Result;
+use crate::plan::TapPair;
 
 pub struct Ft;
 
@@ -24,11 +25,20 @@ impl Method for Ft {
     }
 
     fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 200.0 }
+        Weights {
+            gamma: 1.0,
+            alpha: 0.0,
+            beta: 200.0,
+        }
     }
 
     fn pools(&self) -> bool {
         true
+    }
+
+    /// In the main stage the paraphraser is fixed: its init-stage weights are constants.
+    fn frozen_in_main(&self) -> &'static [&'static str] {
+        &["paraphraser"]
     }
 
     /// The paraphraser's encoder (teacher side; its decoder exists in the init stage only) and
@@ -58,8 +68,72 @@ impl Method for Ft {
             leaky(),
         ];
         Ok(vec![
-            Connector { name: "paraphraser", side: Side::Teacher, layers: encoder },
-            Connector { name: "translator", side: Side::Student, layers: translator },
+            Connector {
+                name: "paraphraser",
+                side: Side::Teacher,
+                layers: encoder,
+            },
+            Connector {
+                name: "translator",
+                side: Side::Student,
+                layers: translator,
+            },
         ])
+    }
+
+    fn has_init_stage(&self) -> bool {
+        true
+    }
+
+    /// Init stage: `mean((dec(enc(t)) - t)^2)`, training the paraphraser. Main stage: the
+    /// paraphraser frozen (its trained weights carried in by name),
+    /// `mean |phi(translator(s)) - phi(enc(t))|` with `phi(x) = N(flatten(mean_c x^2))`.
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
+        let pair = pairs[0];
+        if ctx.stage == Stage::Init {
+            let (t_c, _, _) = chw(&pair.teacher)?;
+            let factor = t_c / 2;
+            let teacher = ctx.teacher(pair);
+            let encoder = pair
+                .connectors
+                .iter()
+                .find(|c| c.side == Side::Teacher)
+                .expect("FT has a paraphraser")
+                .clone();
+            let encoded = ctx.connect(pair, &encoder, &teacher);
+            let leaky = || Layer::LeakyRelu { slope: SLOPE };
+            let decoder = Connector {
+                name: "paraphraser_decoder",
+                side: Side::Teacher,
+                layers: vec![
+                    conv(factor, factor, 3, 1, true),
+                    leaky(),
+                    conv(factor, t_c, 3, 1, true),
+                    leaky(),
+                    conv(t_c, t_c, 3, 1, true),
+                    leaky(),
+                ],
+            };
+            let decoded = ctx.connect(pair, &decoder, &encoded);
+            return Ok(Some(ctx.b.mse(
+                &decoded,
+                &teacher,
+                &ctx.name("reconstruction"),
+            )));
+        }
+        let mut factors = Vec::new();
+        for side in [Side::Student, Side::Teacher] {
+            let f = ctx.tap(pair, side);
+            let base = ctx.name(&format!("{}/{side}_factor", pair.stage));
+            let b = &mut *ctx.b;
+            let squared = b.square(&f, &format!("{base}/squared"));
+            let channel_mean = b.reduce_mean(&squared, &[1], &format!("{base}/channel_mean"));
+            let flat = b.op("Flatten", &[&channel_mean], vec![], &format!("{base}/flat"));
+            factors.push(b.l2_normalize(&flat, 1, &base));
+        }
+        let b = &mut *ctx.b;
+        let diff = b.sub(&factors[0], &factors[1], "kd/ft/diff");
+        let abs = b.unary("Abs", &diff, "kd/ft/abs");
+        Ok(Some(b.mean_all(&abs, "kd/ft/term")))
     }
 }

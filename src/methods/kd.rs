@@ -1,7 +1,7 @@
 //! KD (Hinton et al.): KL divergence between temperature-softened teacher and student logits.
 
-use super::{Method, TapKind, Weights};
 use super::LossContext;
+use super::{Method, TapKind, Weights};
 use crate::error::Result;
 use crate::plan::TapPair;
 
@@ -17,22 +17,32 @@ impl Method for Kd {
     }
 
     fn weights(&self) -> Weights {
-        Weights { gamma: 0.1, alpha: 0.9, beta: 0.0 }
+        Weights {
+            gamma: 0.1,
+            alpha: 0.9,
+            beta: 0.0,
+        }
     }
 
     /// `T^2/B * sum_b sum_k p_t (log p_t - log p_s)` with stable log-softmax on both sides.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
         let pair = pairs[0];
         let (t, s) = (ctx.teacher(pair), ctx.student(pair));
         let temperature = ctx.hyper.temperature as f32;
-        let log_pt = ctx.b.log_softmax(&t, temperature, &ctx.name("teacher_log_p"));
-        let log_ps = ctx.b.log_softmax(&s, temperature, &ctx.name("student_log_p"));
+        let log_pt = ctx
+            .b
+            .log_softmax(&t, temperature, &ctx.name("teacher_log_p"));
+        let log_ps = ctx
+            .b
+            .log_softmax(&s, temperature, &ctx.name("student_log_p"));
         let pt = ctx.b.unary("Exp", &log_pt, &ctx.name("teacher_p"));
         let gap = ctx.b.sub(&log_pt, &log_ps, &ctx.name("log_ratio"));
         let weighted = ctx.b.mul(&pt, &gap, &ctx.name("weighted"));
         let per_sample = ctx.b.reduce_sum(&weighted, &[1], &ctx.name("per_sample"));
         let mean = ctx.b.mean_all(&per_sample, &ctx.name("batch_mean"));
-        let t2 = ctx.b.scalar(&ctx.name("T_squared"), temperature * temperature);
-        Ok(ctx.b.mul(&mean, &t2, &ctx.name("term")))
+        let t2 = ctx
+            .b
+            .scalar(&ctx.name("T_squared"), temperature * temperature);
+        Ok(Some(ctx.b.mul(&mean, &t2, &ctx.name("term"))))
     }
 }

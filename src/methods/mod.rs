@@ -6,7 +6,7 @@
 mod ab;
 mod at;
 mod cc;
-mod crd;
+pub mod crd;
 mod fitnet;
 mod fsp;
 mod ft;
@@ -26,11 +26,11 @@ use std::fmt;
 
 use serde::Serialize;
 
-pub use connector::{Connector, Layer, Side};
-pub use context::{LossContext, TEACHER_PREFIX};
 use crate::analysis::TensorInfo;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::plan::TapPair;
+pub use connector::{Connector, ConvInit, Layer, Side};
+pub use context::{LossContext, Stage, TEACHER_PREFIX};
 
 /// The method names a user types, lower case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -118,6 +118,18 @@ pub trait Method: Sync {
     fn pools(&self) -> bool {
         false
     }
+    /// Whether pooling comes before the connector (VID) rather than after it.
+    fn pool_before_connector(&self) -> bool {
+        false
+    }
+    /// Whether the method trains in an init stage before the main one (AB, FSP, FT).
+    fn has_init_stage(&self) -> bool {
+        false
+    }
+    /// Connectors trained in the init stage and fixed in the main one.
+    fn frozen_in_main(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// How the method departs from "one graph, one loss" (stages, scaling), for the report.
     fn remark(&self) -> Option<&'static str> {
         None
@@ -126,13 +138,9 @@ pub trait Method: Sync {
     fn connectors(&self, _teacher: &TensorInfo, _student: &TensorInfo) -> Result<Vec<Connector>> {
         Ok(Vec::new())
     }
-    /// Adds the method's unweighted loss term (METHODS.md) over its pairs; returns the scalar tensor.
-    fn build(&self, _ctx: &mut LossContext, _pairs: &[&TapPair]) -> Result<String> {
-        Err(Error::usage(format!(
-            "merging with {} is not implemented yet (its dry run is); see the README for the methods merge supports",
-            self.id()
-        )))
-    }
+    /// Adds the method's unweighted loss term (METHODS.md) for `ctx.stage` over its pairs and
+    /// returns the scalar tensor, or None where that stage has no term of this method.
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>>;
 }
 
 /// The method of a name.

@@ -1,7 +1,7 @@
 //! NST (neuron selectivity transfer): polynomial-kernel MMD between channel activations of stage ends.
 
-use super::{Method, TapKind, Weights};
 use super::{LossContext, Side};
+use super::{Method, TapKind, Weights};
 use crate::error::Result;
 use crate::plan::TapPair;
 
@@ -17,7 +17,11 @@ impl Method for Nst {
     }
 
     fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 50.0 }
+        Weights {
+            gamma: 1.0,
+            alpha: 0.0,
+            beta: 50.0,
+        }
     }
 
     fn pools(&self) -> bool {
@@ -26,7 +30,7 @@ impl Method for Nst {
 
     /// Per pair `mean K(t,t) + mean K(s,s) - 2 mean K(s,t)` with `K(a,b) = (b a^T)^2` on
     /// spatially normalised channels; summed over pairs.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
         let mut terms = Vec::new();
         for pair in pairs {
             let base = ctx.name(&pair.stage);
@@ -34,8 +38,13 @@ impl Method for Nst {
             for side in [Side::Student, Side::Teacher] {
                 let f = ctx.tap(pair, side);
                 let (c, h, w) = ctx.tap_chw(pair, side);
-                let flat = ctx.b.reshape(&f, &[-1, c, h * w], &format!("{base}/{side}_flat"));
-                normalised.push(ctx.b.l2_normalize(&flat, 2, &format!("{base}/{side}_normalised")));
+                let flat = ctx
+                    .b
+                    .reshape(&f, &[-1, c, h * w], &format!("{base}/{side}_flat"));
+                normalised.push(
+                    ctx.b
+                        .l2_normalize(&flat, 2, &format!("{base}/{side}_normalised")),
+                );
             }
             let (s, t) = (&normalised[0], &normalised[1]);
             let b = &mut *ctx.b;
@@ -53,6 +62,6 @@ impl Method for Nst {
             let same = b.add(&tt, &ss, &format!("{base}/same"));
             terms.push(b.sub(&same, &cross, &format!("{base}/mmd")));
         }
-        Ok(ctx.b.sum_of(&terms, &ctx.name("term")))
+        Ok(Some(ctx.b.sum_of(&terms, &ctx.name("term"))))
     }
 }

@@ -1,10 +1,13 @@
 //! OFD (overhaul of feature distillation): partial L2 between connected student and margin-clipped
 //! teacher pre-ReLU maps at every stage end.
 
-use super::connector::{chw, conv};
-use super::{Connector, Layer, Method, Side, TapKind, Weights};
+use super::connector::{chw, Connector, ConvInit, Layer};
+use super::{LossContext, Method, Side, TapKind, Weights};
 use crate::analysis::TensorInfo;
 use crate::error::Result;
+use crate::onnx::builder::GraphBuilder;
+use crate::onnx::{pb, proto};
+use crate::plan::TapPair;
 
 pub struct Ofd;
 
@@ -13,27 +16,207 @@ impl Method for Ofd {
         "ofd"
     }
 
-    fn taps(&self) -> TapKind {
-        TapKind::StageEndsPreRelu
-    }
-
     fn remark(&self) -> Option<&'static str> {
         Some("the term is the stage-weighted sum (last stage weight 1, each earlier half) divided by the batch size, with teacher maps clipped at margins from the teacher's BatchNorm")
     }
 
+    fn taps(&self) -> TapKind {
+        TapKind::StageEndsPreRelu
+    }
+
     fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 1.0 / 1000.0 }
+        Weights {
+            gamma: 1.0,
+            alpha: 0.0,
+            beta: 1.0 / 1000.0,
+        }
     }
 
     fn pools(&self) -> bool {
         true
     }
 
-    /// conv1x1 (no bias) + BN to the teacher's channels.
+    /// conv1x1 (no bias, weight ~ N(0, 2/t_C)) + BN to the teacher's channels.
     fn connectors(&self, teacher: &TensorInfo, student: &TensorInfo) -> Result<Vec<Connector>> {
         let (t_c, _, _) = chw(teacher)?;
         let (s_c, _, _) = chw(student)?;
-        let layers = vec![conv(s_c, t_c, 1, 1, false), Layer::BatchNorm { channels: t_c }];
-        Ok(vec![Connector { name: "connector", side: Side::Student, layers }])
+        let conv = Layer::Conv {
+            in_channels: s_c,
+            out_channels: t_c,
+            kernel: [1, 1],
+            stride: 1,
+            pad: 0,
+            bias: false,
+            init: ConvInit::HeOut,
+        };
+        Ok(vec![Connector {
+            name: "connector",
+            side: Side::Student,
+            layers: vec![conv, Layer::BatchNorm { channels: t_c }],
+        }])
+    }
+
+    /// `sum_i L_i / 2^(n-i-1) / B` with `L_i = sum((s - t')^2 * 1{s > t' or t' > 0})`, `t' = max(t, margin)`.
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
+        let n = pairs.len();
+        let mut terms = Vec::new();
+        for (i, pair) in pairs.iter().enumerate() {
+            let s = ctx.tap(pair, Side::Student);
+            let t = ctx.tap(pair, Side::Teacher);
+            let base = ctx.name(&pair.stage);
+            let margin = match batchnorm_margins(ctx.teacher_graph, &pair.teacher.tensor) {
+                Some((bn, margins)) => {
+                    ctx.notes.push(format!(
+                        "ofd {}: margins from the teacher's BatchNorm `{bn}`",
+                        pair.stage
+                    ));
+                    ctx.b.const_f32(
+                        &format!("{base}/margin"),
+                        &[1, margins.len() as i64, 1, 1],
+                        &margins,
+                    )
+                }
+                None => {
+                    ctx.notes.push(format!(
+                        "ofd {}: no BatchNorm feeds teacher `{}` (folded at export?): margins are the batch's mean negative response per channel",
+                        pair.stage, pair.teacher.tensor
+                    ));
+                    batch_margins(ctx.b, &t, &base)
+                }
+            };
+            let b = &mut *ctx.b;
+            let clipped = b.op(
+                "Max",
+                &[&t, &margin],
+                vec![],
+                &format!("{base}/teacher_clipped"),
+            );
+            let above = b.op(
+                "Greater",
+                &[&s, &clipped],
+                vec![],
+                &format!("{base}/student_above"),
+            );
+            let zero = b.scalar(&format!("{base}/zero"), 0.0);
+            let positive = b.op(
+                "Greater",
+                &[&clipped, &zero],
+                vec![],
+                &format!("{base}/teacher_positive"),
+            );
+            let either = b.op(
+                "Or",
+                &[&above, &positive],
+                vec![],
+                &format!("{base}/counted"),
+            );
+            let mask = b.mask(&either, &format!("{base}/mask"));
+            let diff = b.sub(&s, &clipped, &format!("{base}/diff"));
+            let squared = b.square(&diff, &format!("{base}/squared"));
+            let masked = b.mul(&squared, &mask, &format!("{base}/masked"));
+            let total = b.sum_all(&masked, &format!("{base}/sum"));
+            let weight = b.scalar(
+                &format!("{base}/stage_weight"),
+                0.5f32.powi((n - i - 1) as i32),
+            );
+            terms.push(b.mul(&total, &weight, &format!("{base}/weighted")));
+        }
+        let image = ctx.image.clone();
+        let sum = ctx.b.sum_of(&terms, &ctx.name("stage_sum"));
+        let batch = ctx.b.batch_size(&image, &ctx.name("batch"));
+        Ok(Some(ctx.b.div(&sum, &batch, &ctx.name("term"))))
+    }
+}
+
+/// The BatchNorm whose output is (or is added into) the teacher's pre-ReLU tensor, and the margin
+/// per channel from its (gamma, beta): E[x | x < 0] for x ~ N(beta, gamma^2).
+fn batchnorm_margins(graph: &pb::GraphProto, pre_relu: &str) -> Option<(String, Vec<f32>)> {
+    let producer = |t: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == t));
+    let node = producer(pre_relu)?;
+    let bn = match node.op_type.as_str() {
+        "BatchNormalization" => node,
+        "Add" => node
+            .input
+            .iter()
+            .filter_map(|i| producer(i))
+            .find(|n| n.op_type == "BatchNormalization")?,
+        _ => return None,
+    };
+    let initializers = proto::initializers(graph);
+    let gamma = proto::float_values(initializers.get(bn.input.get(1)?.as_str())?)?;
+    let beta = proto::float_values(initializers.get(bn.input.get(2)?.as_str())?)?;
+    let margins = gamma
+        .iter()
+        .zip(&beta)
+        .map(|(&g, &b)| margin(g as f64, b as f64) as f32)
+        .collect();
+    Some((bn.name.clone(), margins))
+}
+
+/// `m - s * phi(m/s) / Phi(-m/s)` if `Phi(-m/s) > 0.001`, else `-3s`, with `s = |gamma|`, `m = beta`.
+fn margin(gamma: f64, beta: f64) -> f64 {
+    let s = gamma.abs();
+    if s == 0.0 {
+        return beta.min(0.0);
+    }
+    let cdf = normal_cdf(-beta / s);
+    if cdf > 0.001 {
+        let pdf = (-(beta / s).powi(2) / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        beta - s * pdf / cdf
+    } else {
+        -3.0 * s
+    }
+}
+
+/// The standard normal CDF, through erfc (Numerical Recipes' erfcc, relative error < 1.2e-7).
+fn normal_cdf(x: f64) -> f64 {
+    let z = -x / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * z.abs());
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * poly.exp();
+    0.5 * if z >= 0.0 { erfc } else { 2.0 - erfc }
+}
+
+/// Per-channel mean of the negative teacher responses of the batch (0 where there are none).
+fn batch_margins(b: &mut GraphBuilder, t: &str, base: &str) -> String {
+    let zero = b.scalar(&format!("{base}/margin_zero"), 0.0);
+    let negative = b.op("Min", &[t, &zero], vec![], &format!("{base}/negative_part"));
+    let is_negative = b.op("Less", &[t, &zero], vec![], &format!("{base}/is_negative"));
+    let count_mask = b.mask(&is_negative, &format!("{base}/negative_mask"));
+    let total = b.reduce_sum(&negative, &[0, 2, 3], &format!("{base}/negative_sum"));
+    let count = b.reduce_sum(&count_mask, &[0, 2, 3], &format!("{base}/negative_count"));
+    let one = b.scalar(&format!("{base}/margin_one"), 1.0);
+    let safe = b.op(
+        "Max",
+        &[&count, &one],
+        vec![],
+        &format!("{base}/negative_count_safe"),
+    );
+    b.div(&total, &safe, &format!("{base}/margin"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cdf_matches_known_values() {
+        assert!((normal_cdf(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_cdf(1.0) - 0.841_344_746).abs() < 1e-7);
+        assert!((normal_cdf(-2.0) - 0.022_750_132).abs() < 1e-8);
+    }
+
+    #[test]
+    fn margin_of_a_standard_normal_is_minus_sqrt_two_over_pi() {
+        // E[x | x < 0] for N(0, 1) is -phi(0) / Phi(0) = -sqrt(2/pi).
+        assert!((margin(1.0, 0.0) + (2.0 / std::f64::consts::PI).sqrt()).abs() < 1e-6);
+        assert_eq!(margin(1.0, 10.0), -3.0);
     }
 }

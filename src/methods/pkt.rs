@@ -1,7 +1,7 @@
 //! PKT (probabilistic knowledge transfer): cosine-similarity distributions of the embeddings.
 
-use super::{Method, TapKind, Weights};
 use super::{LossContext, Side};
+use super::{Method, TapKind, Weights};
 use crate::error::Result;
 use crate::plan::TapPair;
 
@@ -20,13 +20,20 @@ impl Method for Pkt {
     }
 
     fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 30000.0 }
+        Weights {
+            gamma: 1.0,
+            alpha: 0.0,
+            beta: 30000.0,
+        }
     }
 
     /// `mean(Q log((Q + eps) / (P + eps)))` of the row-stochastic cosine-similarity matrices.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
         let pair = pairs[0];
-        let taps = [(Side::Student, ctx.tap(pair, Side::Student)), (Side::Teacher, ctx.tap(pair, Side::Teacher))];
+        let taps = [
+            (Side::Student, ctx.tap(pair, Side::Student)),
+            (Side::Teacher, ctx.tap(pair, Side::Teacher)),
+        ];
         let b = &mut *ctx.b;
         let mut distributions = Vec::new();
         for (side, x) in taps {
@@ -50,6 +57,6 @@ impl Method for Pkt {
         let ratio = b.div(&q_eps, &p_eps, "kd/pkt/ratio");
         let log_ratio = b.unary("Log", &ratio, "kd/pkt/log_ratio");
         let weighted = b.mul(q, &log_ratio, "kd/pkt/weighted");
-        Ok(b.mean_all(&weighted, "kd/pkt/term"))
+        Ok(Some(b.mean_all(&weighted, "kd/pkt/term")))
     }
 }

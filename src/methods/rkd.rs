@@ -23,12 +23,16 @@ impl Method for Rkd {
     }
 
     fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 1.0 }
+        Weights {
+            gamma: 1.0,
+            alpha: 0.0,
+            beta: 1.0,
+        }
     }
 
     /// `25 * smooth_l1(d_s, d_t) + 50 * smooth_l1(angle_s, angle_t)` over the batch's pairwise
     /// distances (normalised by their off-diagonal mean) and triplet angles.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
         let pair = pairs[0];
         let e_s = ctx.tap(pair, Side::Student);
         let e_t = ctx.tap(pair, Side::Teacher);
@@ -56,7 +60,7 @@ impl Method for Rkd {
         let wa = b.scalar("kd/rkd/angle_weight", ANGLE_WEIGHT);
         let weighted_d = b.mul(&loss_d, &wd, "kd/rkd/weighted_distance");
         let weighted_a = b.mul(&loss_a, &wa, "kd/rkd/weighted_angle");
-        Ok(b.add(&weighted_d, &weighted_a, "kd/rkd/term"))
+        Ok(Some(b.add(&weighted_d, &weighted_a, "kd/rkd/term")))
     }
 }
 

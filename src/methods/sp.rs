@@ -1,7 +1,7 @@
 //! SP (similarity preserving): batch similarity matrices of the last spatial map.
 
-use super::{Method, TapKind, Weights};
 use super::{LossContext, Side};
+use super::{Method, TapKind, Weights};
 use crate::error::Result;
 use crate::plan::TapPair;
 
@@ -17,11 +17,15 @@ impl Method for Sp {
     }
 
     fn weights(&self) -> Weights {
-        Weights { gamma: 1.0, alpha: 0.0, beta: 3000.0 }
+        Weights {
+            gamma: 1.0,
+            alpha: 0.0,
+            beta: 3000.0,
+        }
     }
 
     /// `sum((N(G_t) - N(G_s))^2) / B^2` with `G = Q Q^T` of the flattened maps.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<String> {
+    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
         let pair = pairs[0];
         let mut grams = Vec::new();
         for side in [Side::Student, Side::Teacher] {
@@ -31,6 +35,6 @@ impl Method for Sp {
             let gram = ctx.b.batch_gram(&flat, &format!("{base}/gram"));
             grams.push(ctx.b.l2_normalize(&gram, 1, &base));
         }
-        Ok(ctx.b.mse(&grams[1], &grams[0], &ctx.name("term")))
+        Ok(Some(ctx.b.mse(&grams[1], &grams[0], &ctx.name("term"))))
     }
 }

@@ -6,6 +6,8 @@ use super::builder::{Attr, GraphBuilder};
 
 /// Floor under squared norms: `N(x) = x / max(||x||, 1e-12)` with a finite gradient at x = 0.
 const NORM_FLOOR_SQUARED: f32 = 1e-24;
+/// 2^40: scale of `log x` in [`GraphBuilder::detach_positive`].
+const DETACH_SCALE: f32 = 1_099_511_627_776.0;
 
 impl GraphBuilder {
     /// `log_softmax(z / temperature)` along axis 1, as `zc - log(sum(exp(zc)))` with `zc = z - max z`
@@ -20,7 +22,13 @@ impl GraphBuilder {
         let k = self.const_i64(&format!("{name}/k"), &[1], &[1]);
         let max = self.unique(&format!("{name}/max"));
         let indices = self.unique(&format!("{name}/argmax"));
-        self.node("TopK", &[&z, &k], &[&max, &indices], vec![("axis", Attr::Int(1))], &max);
+        self.node(
+            "TopK",
+            &[&z, &k],
+            &[&max, &indices],
+            vec![("axis", Attr::Int(1))],
+            &max,
+        );
         let centred = self.sub(&z, &max, &format!("{name}/centred"));
         let exp = self.unary("Exp", &centred, &format!("{name}/exp"));
         let sum = self.reduce_sum(&exp, &[1], &format!("{name}/sum"));
@@ -46,10 +54,21 @@ impl GraphBuilder {
     /// Adaptive average pooling of an NCHW map from `from` to `to`: Reshape + ReduceMean when the
     /// sizes divide, else MatMul with a constant pooling matrix (AveragePool's gradient is broken
     /// on CPU with a symbolic batch).
-    pub fn adaptive_pool(&mut self, x: &str, channels: i64, from: (i64, i64), to: (i64, i64), name: &str) -> String {
+    pub fn adaptive_pool(
+        &mut self,
+        x: &str,
+        channels: i64,
+        from: (i64, i64),
+        to: (i64, i64),
+        name: &str,
+    ) -> String {
         let ((h, w), (oh, ow)) = (from, to);
         if h % oh == 0 && w % ow == 0 {
-            let split = self.reshape(x, &[-1, channels, oh, h / oh, ow, w / ow], &format!("{name}/blocks"));
+            let split = self.reshape(
+                x,
+                &[-1, channels, oh, h / oh, ow, w / ow],
+                &format!("{name}/blocks"),
+            );
             let pooled = self.reduce_mean(&split, &[3, 5], &format!("{name}/pooled"));
             return self.reshape(&pooled, &[-1, channels, oh, ow], name);
         }
@@ -90,15 +109,65 @@ impl GraphBuilder {
     pub fn batch_size(&mut self, x: &str, name: &str) -> String {
         let shape = self.unary("Shape", x, &format!("{name}/shape"));
         let zero = self.const_i64(&format!("{name}/axis"), &[], &[0]);
-        let b = self.op("Gather", &[&shape, &zero], vec![("axis", Attr::Int(0))], &format!("{name}/int"));
+        let b = self.op(
+            "Gather",
+            &[&shape, &zero],
+            vec![("axis", Attr::Int(0))],
+            &format!("{name}/int"),
+        );
         self.op("Cast", &[&b], vec![("to", Attr::Int(1))], name)
+    }
+
+    /// `softplus(x) = relu(x) + log(1 + exp(-|x|))` (ORT has no Softplus gradient; tract's overflows).
+    pub fn softplus(&mut self, x: &str, name: &str) -> String {
+        let relu = self.unary("Relu", x, &format!("{name}/relu"));
+        let abs = self.unary("Abs", x, &format!("{name}/abs"));
+        let neg = self.unary("Neg", &abs, &format!("{name}/neg_abs"));
+        let exp = self.unary("Exp", &neg, &format!("{name}/exp"));
+        let one = self.scalar(&format!("{name}/one"), 1.0);
+        let shifted = self.add(&exp, &one, &format!("{name}/one_plus"));
+        let log = self.unary("Log", &shifted, &format!("{name}/log"));
+        self.add(&relu, &log, name)
+    }
+
+    /// The value of a positive tensor with its gradient stopped: `log x` scaled by 2^40 goes
+    /// through int64 (integer tensors carry no gradient in ORT) and back, which is exact to 2^-40
+    /// in `log x`. ONNX has no stop-gradient op.
+    pub fn detach_positive(&mut self, x: &str, name: &str) -> String {
+        let log = self.unary("Log", x, &format!("{name}/log"));
+        let up = self.scalar(&format!("{name}/scale"), DETACH_SCALE);
+        let scaled = self.mul(&log, &up, &format!("{name}/scaled"));
+        let int = self.op(
+            "Cast",
+            &[&scaled],
+            vec![("to", Attr::Int(7))],
+            &format!("{name}/as_int64"),
+        );
+        let back = self.op(
+            "Cast",
+            &[&int],
+            vec![("to", Attr::Int(1))],
+            &format!("{name}/as_float"),
+        );
+        let down = self.scalar(&format!("{name}/unscale"), 1.0 / DETACH_SCALE);
+        let unscaled = self.mul(&back, &down, &format!("{name}/unscaled"));
+        self.unary("Exp", &unscaled, name)
+    }
+
+    /// A float mask (1.0 where `condition` holds); it carries no gradient.
+    pub fn mask(&mut self, condition: &str, name: &str) -> String {
+        self.op("Cast", &[condition], vec![("to", Attr::Int(1))], name)
     }
 
     /// The sum of several scalars (chained Add: Sum has no gradient in ORT).
     pub fn sum_of(&mut self, terms: &[String], name: &str) -> String {
         let mut total = terms[0].clone();
         for (i, term) in terms.iter().enumerate().skip(1) {
-            let step = if i + 1 == terms.len() { name.to_string() } else { format!("{name}/partial{i}") };
+            let step = if i + 1 == terms.len() {
+                name.to_string()
+            } else {
+                format!("{name}/partial{i}")
+            };
             total = self.add(&total, term, &step);
         }
         if terms.len() == 1 {
@@ -111,7 +180,9 @@ impl GraphBuilder {
 /// The (h*w) x (oh*ow) matrix of adaptive average pooling (PyTorch's bins: floor/ceil edges).
 fn pooling_matrix((h, w): (i64, i64), (oh, ow): (i64, i64)) -> Vec<f32> {
     let bins = |size: i64, out: i64| -> Vec<(i64, i64)> {
-        (0..out).map(|i| ((i * size) / out, ((i + 1) * size + out - 1) / out)).collect()
+        (0..out)
+            .map(|i| ((i * size) / out, ((i + 1) * size + out - 1) / out))
+            .collect()
     };
     let (rows, cols) = (bins(h, oh), bins(w, ow));
     let mut m = vec![0f32; (h * w * oh * ow) as usize];

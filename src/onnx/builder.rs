@@ -30,7 +30,13 @@ pub enum Attr {
 impl GraphBuilder {
     /// A builder for a graph whose existing tensor names are `taken`.
     pub fn new(opset: i64, taken: impl IntoIterator<Item = String>) -> Self {
-        GraphBuilder { opset, nodes: Vec::new(), initializers: Vec::new(), parameters: Vec::new(), names: taken.into_iter().collect() }
+        GraphBuilder {
+            opset,
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            parameters: Vec::new(),
+            names: taken.into_iter().collect(),
+        }
     }
 
     /// `base`, or `base_1`, `base_2`, ... whichever is free.
@@ -46,18 +52,34 @@ impl GraphBuilder {
     }
 
     /// Appends a node with one output named after `name` and returns that output.
-    pub fn op(&mut self, op_type: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>, name: &str) -> String {
+    pub fn op(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+        name: &str,
+    ) -> String {
         let output = self.unique(name);
         self.node(op_type, inputs, &[&output], attrs, &output);
         output
     }
 
     /// Appends a node with the given outputs.
-    pub fn node(&mut self, op_type: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<(&str, Attr)>, name: &str) {
+    pub fn node(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+        name: &str,
+    ) {
         let attribute = attrs
             .into_iter()
             .map(|(key, value)| {
-                let mut a = pb::AttributeProto { name: key.to_string(), ..Default::default() };
+                let mut a = pb::AttributeProto {
+                    name: key.to_string(),
+                    ..Default::default()
+                };
                 use pb::attribute_proto::AttributeType as T;
                 match value {
                     Attr::Int(i) => {
@@ -111,12 +133,22 @@ impl GraphBuilder {
     }
 
     /// A parameter initializer; `frozen` marks BN running statistics.
-    pub fn parameter(&mut self, name: &str, dims: &[i64], values: &[f32], frozen: bool, doc: &str) -> String {
+    pub fn parameter(
+        &mut self,
+        name: &str,
+        dims: &[i64],
+        values: &[f32],
+        frozen: bool,
+        doc: &str,
+    ) -> String {
         let name = self.unique(name);
         let mut tensor = float_tensor(&name, dims, values);
         tensor.doc_string = doc.to_string();
         self.initializers.push(tensor);
-        self.parameters.push(Parameter { name: name.clone(), frozen });
+        self.parameters.push(Parameter {
+            name: name.clone(),
+            frozen,
+        });
         name
     }
 
@@ -151,7 +183,12 @@ impl GraphBuilder {
         self.op("Mul", &[x, x], vec![], name)
     }
     pub fn transpose(&mut self, x: &str, perm: &[i64], name: &str) -> String {
-        self.op("Transpose", &[x], vec![("perm", Attr::Ints(perm.to_vec()))], name)
+        self.op(
+            "Transpose",
+            &[x],
+            vec![("perm", Attr::Ints(perm.to_vec()))],
+            name,
+        )
     }
 
     /// Reshape to `dims` (0 copies the input's dim, -1 infers one).
@@ -169,7 +206,12 @@ impl GraphBuilder {
     /// that drops axes fails on a symbolic batch).
     pub fn reduce_sum(&mut self, x: &str, axes: &[i64], name: &str) -> String {
         let axes = self.const_i64(&format!("{name}.axes"), &[axes.len() as i64], axes);
-        self.op("ReduceSum", &[x, &axes], vec![("keepdims", Attr::Int(1))], name)
+        self.op(
+            "ReduceSum",
+            &[x, &axes],
+            vec![("keepdims", Attr::Int(1))],
+            name,
+        )
     }
 
     /// The sum of every element, as a scalar.
@@ -184,7 +226,12 @@ impl GraphBuilder {
             let axes = self.const_i64(&format!("{name}.axes"), &[axes.len() as i64], axes);
             return self.op("ReduceMean", &[x, &axes], vec![keep], name);
         }
-        self.op("ReduceMean", &[x], vec![keep, ("axes", Attr::Ints(axes.to_vec()))], name)
+        self.op(
+            "ReduceMean",
+            &[x],
+            vec![keep, ("axes", Attr::Ints(axes.to_vec()))],
+            name,
+        )
     }
 
     /// The mean of every element, as a scalar.

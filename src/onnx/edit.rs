@@ -10,7 +10,11 @@ use crate::error::{Error, Result};
 /// Folds every BatchNormalization with constant parameters: into the Conv before it when that
 /// Conv feeds only the BN and its output is not in `keep`, else into a constant Mul and Add. The
 /// BN's output name is kept, so taps on it still resolve.
-pub fn fold_batchnorm(graph: &mut pb::GraphProto, keep: &HashSet<String>, model: &str) -> Result<()> {
+pub fn fold_batchnorm(
+    graph: &mut pb::GraphProto,
+    keep: &HashSet<String>,
+    model: &str,
+) -> Result<()> {
     let mut readers: HashMap<String, usize> = HashMap::new();
     for node in &graph.node {
         for input in &node.input {
@@ -20,10 +24,17 @@ pub fn fold_batchnorm(graph: &mut pb::GraphProto, keep: &HashSet<String>, model:
     for output in &graph.output {
         *readers.entry(output.name.clone()).or_default() += 1;
     }
-    let mut initializers: HashMap<String, pb::TensorProto> =
-        graph.initializer.drain(..).map(|t| (t.name.clone(), t)).collect();
-    let producer: HashMap<String, usize> =
-        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
+    let mut initializers: HashMap<String, pb::TensorProto> = graph
+        .initializer
+        .drain(..)
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let producer: HashMap<String, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
+        .collect();
     let mut removed = vec![false; graph.node.len()];
     let mut extra_nodes: Vec<(usize, Vec<pb::NodeProto>)> = Vec::new();
     for index in 0..graph.node.len() {
@@ -31,48 +42,82 @@ pub fn fold_batchnorm(graph: &mut pb::GraphProto, keep: &HashSet<String>, model:
         if bn.op_type != "BatchNormalization" || bn.input.len() < 5 {
             continue;
         }
-        let params: Option<Vec<Vec<f32>>> =
-            bn.input[1..5].iter().map(|n| initializers.get(n).and_then(proto::float_values)).collect();
+        let params: Option<Vec<Vec<f32>>> = bn.input[1..5]
+            .iter()
+            .map(|n| initializers.get(n).and_then(proto::float_values))
+            .collect();
         let Some(params) = params else {
             return Err(Error::input(format!(
                 "`{model}`: BatchNormalization `{}` has parameters that are not float constants; the teacher's BN cannot be folded",
                 bn.name
             )));
         };
-        let epsilon = bn.attribute.iter().find(|a| a.name == "epsilon").map(|a| a.f).unwrap_or(1e-5);
+        let epsilon = bn
+            .attribute
+            .iter()
+            .find(|a| a.name == "epsilon")
+            .map(|a| a.f)
+            .unwrap_or(1e-5);
         let (gamma, beta, mean, var) = (&params[0], &params[1], &params[2], &params[3]);
-        let scale: Vec<f32> = gamma.iter().zip(var).map(|(g, v)| g / (v + epsilon).sqrt()).collect();
-        let shift: Vec<f32> = beta.iter().zip(mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+        let scale: Vec<f32> = gamma
+            .iter()
+            .zip(var)
+            .map(|(g, v)| g / (v + epsilon).sqrt())
+            .collect();
+        let shift: Vec<f32> = beta
+            .iter()
+            .zip(mean)
+            .zip(&scale)
+            .map(|((b, m), s)| b - m * s)
+            .collect();
         let (x, y) = (bn.input[0].clone(), bn.output[0].clone());
         let conv = producer.get(&x).copied().filter(|&c| {
             let n = &graph.node[c];
             n.op_type == "Conv"
                 && readers.get(&x) == Some(&1)
                 && !keep.contains(&x)
-                && n.input.iter().skip(1).all(|w| initializers.contains_key(w) && readers.get(w) == Some(&1))
+                && n.input
+                    .iter()
+                    .skip(1)
+                    .all(|w| initializers.contains_key(w) && readers.get(w) == Some(&1))
         });
         if let Some(c) = conv {
             let conv_node = &mut graph.node[c];
-            let weight = initializers.get_mut(&conv_node.input[1]).expect("checked above");
+            let weight = initializers
+                .get_mut(&conv_node.input[1])
+                .expect("checked above");
             let mut values = proto::float_values(weight).unwrap_or_default();
             let per_channel = values.len() / scale.len().max(1);
             for (o, chunk) in values.chunks_mut(per_channel.max(1)).enumerate() {
                 chunk.iter_mut().for_each(|v| *v *= scale[o]);
             }
             *weight = float_tensor(&weight.name, &weight.dims, &values);
-            let bias_values: Vec<f32> = match conv_node.input.get(2).and_then(|b| initializers.get(b)) {
-                Some(b) => proto::float_values(b).unwrap_or_default(),
-                None => vec![0.0; scale.len()],
-            };
-            let folded: Vec<f32> = bias_values.iter().zip(&scale).zip(&shift).map(|((b, s), t)| b * s + t).collect();
+            let bias_values: Vec<f32> =
+                match conv_node.input.get(2).and_then(|b| initializers.get(b)) {
+                    Some(b) => proto::float_values(b).unwrap_or_default(),
+                    None => vec![0.0; scale.len()],
+                };
+            let folded: Vec<f32> = bias_values
+                .iter()
+                .zip(&scale)
+                .zip(&shift)
+                .map(|((b, s), t)| b * s + t)
+                .collect();
             let bias_name = format!("{y}.folded_bias");
-            initializers.insert(bias_name.clone(), float_tensor(&bias_name, &[folded.len() as i64], &folded));
+            initializers.insert(
+                bias_name.clone(),
+                float_tensor(&bias_name, &[folded.len() as i64], &folded),
+            );
             conv_node.input.truncate(2);
             conv_node.input.push(bias_name);
             conv_node.output[0] = y;
         } else {
             let dims = [scale.len() as i64, 1, 1];
-            let (scale_name, shift_name, scaled) = (format!("{y}.scale"), format!("{y}.shift"), format!("{y}.scaled"));
+            let (scale_name, shift_name, scaled) = (
+                format!("{y}.scale"),
+                format!("{y}.shift"),
+                format!("{y}.scaled"),
+            );
             initializers.insert(scale_name.clone(), float_tensor(&scale_name, &dims, &scale));
             initializers.insert(shift_name.clone(), float_tensor(&shift_name, &dims, &shift));
             let mk = |op: &str, a: &str, b: &str, out: &str| pb::NodeProto {
@@ -83,7 +128,13 @@ pub fn fold_batchnorm(graph: &mut pb::GraphProto, keep: &HashSet<String>, model:
                 doc_string: "BatchNormalization folded to eval-mode constants by kdgraph".into(),
                 ..Default::default()
             };
-            extra_nodes.push((index, vec![mk("Mul", &x, &scale_name, &scaled), mk("Add", &scaled, &shift_name, &y)]));
+            extra_nodes.push((
+                index,
+                vec![
+                    mk("Mul", &x, &scale_name, &scaled),
+                    mk("Add", &scaled, &shift_name, &y),
+                ],
+            ));
         }
         removed[index] = true;
     }
@@ -97,7 +148,10 @@ pub fn fold_batchnorm(graph: &mut pb::GraphProto, keep: &HashSet<String>, model:
         }
     }
     let used: HashSet<&String> = graph.node.iter().flat_map(|n| n.input.iter()).collect();
-    let mut kept: Vec<pb::TensorProto> = initializers.into_values().filter(|t| used.contains(&t.name)).collect();
+    let mut kept: Vec<pb::TensorProto> = initializers
+        .into_values()
+        .filter(|t| used.contains(&t.name))
+        .collect();
     kept.sort_by(|a, b| a.name.cmp(&b.name));
     graph.initializer = kept;
     Ok(())
@@ -117,7 +171,13 @@ pub fn prune_to(graph: &mut pb::GraphProto, needed: &HashSet<String>) {
         if let Some(&i) = producer.get(tensor) {
             if !keep[i] {
                 keep[i] = true;
-                stack.extend(graph.node[i].input.iter().map(String::as_str).filter(|s| !s.is_empty()));
+                stack.extend(
+                    graph.node[i]
+                        .input
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|s| !s.is_empty()),
+                );
             }
         }
     }
@@ -126,8 +186,33 @@ pub fn prune_to(graph: &mut pb::GraphProto, needed: &HashSet<String>) {
         index += 1;
         keep[index - 1]
     });
-    let used: HashSet<String> = graph.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
+    let used: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .collect();
     graph.initializer.retain(|t| used.contains(&t.name));
+}
+
+/// Every tensor `target` depends on (itself included), through the graph's nodes.
+pub fn ancestors<'a>(graph: &'a pb::GraphProto, target: &'a str) -> HashSet<&'a str> {
+    let producer: HashMap<&str, &pb::NodeProto> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
+        .collect();
+    let mut seen = HashSet::from([target]);
+    let mut stack = vec![target];
+    while let Some(tensor) = stack.pop() {
+        if let Some(node) = producer.get(tensor) {
+            for input in node.input.iter().filter(|i| !i.is_empty()) {
+                if seen.insert(input.as_str()) {
+                    stack.push(input.as_str());
+                }
+            }
+        }
+    }
+    seen
 }
 
 /// Renames every node, tensor and initializer with `prefix`, except graph inputs, which are
@@ -157,13 +242,24 @@ pub fn prefix_names(graph: &mut pb::GraphProto, prefix: &str, inputs: &HashMap<S
 
 /// Reduce ops whose `axes` moved from an attribute to an input at opset 18.
 const AXES_INPUT_SINCE_18: [&str; 8] = [
-    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceSumSquare",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceSumSquare",
 ];
 
 /// Rewrites a graph written for opset < 18 so that it is valid at opset >= 18.
 pub fn upgrade_reduce_axes(graph: &mut pb::GraphProto) {
     let mut new_initializers = Vec::new();
-    for node in graph.node.iter_mut().filter(|n| AXES_INPUT_SINCE_18.contains(&n.op_type.as_str())) {
+    for node in graph
+        .node
+        .iter_mut()
+        .filter(|n| AXES_INPUT_SINCE_18.contains(&n.op_type.as_str()))
+    {
         if let Some(pos) = node.attribute.iter().position(|a| a.name == "axes") {
             let axes = node.attribute.remove(pos).ints;
             let name = format!("{}.axes", node.output[0]);
@@ -187,13 +283,22 @@ pub fn topological_sort(graph: &mut pb::GraphProto) -> Result<()> {
         .node
         .iter()
         .enumerate()
-        .flat_map(|(i, n)| n.output.iter().filter(|o| !o.is_empty()).map(move |o| (o.as_str(), i)))
+        .flat_map(|(i, n)| {
+            n.output
+                .iter()
+                .filter(|o| !o.is_empty())
+                .map(move |o| (o.as_str(), i))
+        })
         .collect();
     let count = graph.node.len();
     let mut pending = vec![0usize; count];
     let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); count];
     for (i, node) in graph.node.iter().enumerate() {
-        let sources: HashSet<usize> = node.input.iter().filter_map(|t| producer.get(t.as_str()).copied()).collect();
+        let sources: HashSet<usize> = node
+            .input
+            .iter()
+            .filter_map(|t| producer.get(t.as_str()).copied())
+            .collect();
         pending[i] = sources.len();
         for s in sources {
             dependants[s].push(i);
@@ -211,10 +316,21 @@ pub fn topological_sort(graph: &mut pb::GraphProto) -> Result<()> {
         }
     }
     if order.len() != count {
-        let stuck = (0..count).find(|&i| pending[i] > 0).map(|i| graph.node[i].name.clone()).unwrap_or_default();
-        return Err(Error::input(format!("the graph has a cycle through node `{stuck}`; it is not a valid ONNX graph")));
+        let stuck = (0..count)
+            .find(|&i| pending[i] > 0)
+            .map(|i| graph.node[i].name.clone())
+            .unwrap_or_default();
+        return Err(Error::input(format!(
+            "the graph has a cycle through node `{stuck}`; it is not a valid ONNX graph"
+        )));
     }
-    let mut nodes: Vec<Option<pb::NodeProto>> = std::mem::take(&mut graph.node).into_iter().map(Some).collect();
-    graph.node = order.into_iter().map(|i| nodes[i].take().expect("each index once")).collect();
+    let mut nodes: Vec<Option<pb::NodeProto>> = std::mem::take(&mut graph.node)
+        .into_iter()
+        .map(Some)
+        .collect();
+    graph.node = order
+        .into_iter()
+        .map(|i| nodes[i].take().expect("each index once"))
+        .collect();
     Ok(())
 }

@@ -18,7 +18,10 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn graph(&self) -> &pb::GraphProto {
-        self.proto.graph.as_ref().expect("load_model guarantees a graph")
+        self.proto
+            .graph
+            .as_ref()
+            .expect("load_model guarantees a graph")
     }
 
     /// The file name for messages, as the user typed it.
@@ -36,7 +39,10 @@ const EXTERNAL_THRESHOLD: usize = 1024;
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
     let shown = path.display();
     let meta = fs::metadata(path).map_err(|e| {
-        Error::input(format!("cannot read `{shown}`: {}; check the path", io_reason(&e)))
+        Error::input(format!(
+            "cannot read `{shown}`: {}; check the path",
+            io_reason(&e)
+        ))
     })?;
     if meta.is_dir() {
         return Err(Error::input(format!(
@@ -63,17 +69,18 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
                 "`{shown}` has a graph with no nodes; is it really an exported network?"
             )))
         }
-        None => {
-            return Err(Error::input(format!(
-                "`{shown}` holds no graph (not an ONNX model, or an empty one); export the model again"
-            )))
-        }
+        None => return Err(Error::input(format!(
+            "`{shown}` holds no graph (not an ONNX model, or an empty one); export the model again"
+        ))),
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     for tensor in &mut graph.initializer {
         resolve_external(tensor, dir, &shown.to_string())?;
     }
-    Ok(LoadedModel { path: path.to_path_buf(), proto })
+    Ok(LoadedModel {
+        path: path.to_path_buf(),
+        proto,
+    })
 }
 
 fn io_reason(e: &std::io::Error) -> String {
@@ -94,14 +101,24 @@ fn resolve_external(tensor: &mut pb::TensorProto, dir: &Path, model: &str) -> Re
     if !is_external(tensor) {
         return Ok(());
     }
-    let entry = |key: &str| tensor.external_data.iter().find(|e| e.key == key).map(|e| e.value.clone());
+    let entry = |key: &str| {
+        tensor
+            .external_data
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.value.clone())
+    };
     let name = &tensor.name;
     let location = entry("location").ok_or_else(|| {
-        Error::input(format!("`{model}`: external tensor `{name}` has no location"))
+        Error::input(format!(
+            "`{model}`: external tensor `{name}` has no location"
+        ))
     })?;
     let relative = Path::new(&location);
     if relative.is_absolute()
-        || relative.components().any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
+        || relative
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
     {
         return Err(Error::input(format!(
             "`{model}`: tensor `{name}` points at external data `{location}` outside the model's folder; \
@@ -112,7 +129,9 @@ fn resolve_external(tensor: &mut pb::TensorProto, dir: &Path, model: &str) -> Re
         entry(key)
             .map(|v| {
                 v.parse::<u64>().map_err(|_| {
-                    Error::input(format!("`{model}`: tensor `{name}` has a bad external-data {key} `{v}`"))
+                    Error::input(format!(
+                        "`{model}`: tensor `{name}` has a bad external-data {key} `{v}`"
+                    ))
                 })
             })
             .transpose()
@@ -128,15 +147,20 @@ fn resolve_external(tensor: &mut pb::TensorProto, dir: &Path, model: &str) -> Re
         ))
     })?;
     let expected = expected_bytes(tensor);
-    let length = length.or(expected.map(|e| e as u64)).unwrap_or(data.len() as u64 - offset.min(data.len() as u64));
-    let end = offset.checked_add(length).filter(|&end| end <= data.len() as u64).ok_or_else(|| {
-        Error::input(format!(
+    let length = length
+        .or(expected.map(|e| e as u64))
+        .unwrap_or(data.len() as u64 - offset.min(data.len() as u64));
+    let end = offset
+        .checked_add(length)
+        .filter(|&end| end <= data.len() as u64)
+        .ok_or_else(|| {
+            Error::input(format!(
             "`{model}`: external data file `{}` is shorter ({} bytes) than tensor `{name}` needs \
              (offset {offset} + length {length}); the file is truncated: save the model again",
             file.display(),
             data.len()
         ))
-    })?;
+        })?;
     if let Some(expected) = expected {
         if expected as u64 != length {
             return Err(Error::input(format!(
@@ -180,7 +204,10 @@ pub fn ensure_not_an_input(output: &Path, inputs: &[&Path]) -> Result<()> {
 
 fn canonical_or_self(path: &Path) -> PathBuf {
     path.canonicalize().unwrap_or_else(|_| {
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         match (parent.canonicalize(), path.file_name()) {
             (Ok(dir), Some(name)) => dir.join(name),
             _ => path.to_path_buf(),
@@ -202,7 +229,10 @@ impl AtomicWrite {
 
     /// Writes `bytes` to a temporary file beside `path` and syncs it.
     pub fn stage(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !dir.is_dir() {
             return Err(Error::usage(format!(
                 "cannot write `{}`: the folder `{}` does not exist; create it first",
@@ -210,7 +240,10 @@ impl AtomicWrite {
                 dir.display()
             )));
         }
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let temp = dir.join(format!(".{name}.kdgraph-{}.tmp", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut file = fs::File::create(&temp)?;
@@ -219,7 +252,11 @@ impl AtomicWrite {
         };
         if let Err(e) = write() {
             let _ = fs::remove_file(&temp);
-            return Err(Error::input(format!("cannot write `{}`: {}", path.display(), io_reason(&e))));
+            return Err(Error::input(format!(
+                "cannot write `{}`: {}",
+                path.display(),
+                io_reason(&e)
+            )));
         }
         self.staged.push((temp, path.to_path_buf()));
         Ok(())
@@ -230,7 +267,11 @@ impl AtomicWrite {
         for (temp, path) in std::mem::take(&mut self.staged) {
             fs::rename(&temp, &path).map_err(|e| {
                 let _ = fs::remove_file(&temp);
-                Error::input(format!("cannot write `{}`: {}", path.display(), io_reason(&e)))
+                Error::input(format!(
+                    "cannot write `{}`: {}",
+                    path.display(),
+                    io_reason(&e)
+                ))
             })?;
         }
         if let Some(dir) = self.staged.first().and_then(|(_, p)| p.parent()) {
@@ -257,7 +298,9 @@ pub fn encode_model(mut proto: pb::ModelProto, path: &Path) -> Result<Vec<(PathB
     if proto.encoded_len() > PROTOBUF_LIMIT {
         let data_name = format!(
             "{}.data",
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         );
         let mut data = Vec::new();
         if let Some(graph) = proto.graph.as_mut() {
@@ -265,7 +308,10 @@ pub fn encode_model(mut proto: pb::ModelProto, path: &Path) -> Result<Vec<(PathB
                 if tensor.raw_data.len() >= EXTERNAL_THRESHOLD {
                     let offset = data.len();
                     data.extend_from_slice(&tensor.raw_data);
-                    let entry = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+                    let entry = |k: &str, v: String| pb::StringStringEntryProto {
+                        key: k.into(),
+                        value: v,
+                    };
                     tensor.external_data = vec![
                         entry("location", data_name.clone()),
                         entry("offset", offset.to_string()),

@@ -18,12 +18,24 @@ pub fn inference_batchnorm(graph: &mut pb::GraphProto, model: &str) -> Result<Ve
         .chain(graph.output.iter().map(|o| o.name.clone()))
         .collect();
     let mut statistics = Vec::new();
-    for node in graph.node.iter_mut().filter(|n| n.op_type == "BatchNormalization") {
-        let training = node.attribute.iter().any(|a| a.name == "training_mode" && a.i == 1);
+    for node in graph
+        .node
+        .iter_mut()
+        .filter(|n| n.op_type == "BatchNormalization")
+    {
+        let training = node
+            .attribute
+            .iter()
+            .any(|a| a.name == "training_mode" && a.i == 1);
         if !training && node.output.len() <= 1 {
             continue;
         }
-        if let Some(used) = node.output.iter().skip(1).find(|o| !o.is_empty() && read.contains(*o)) {
+        if let Some(used) = node
+            .output
+            .iter()
+            .skip(1)
+            .find(|o| !o.is_empty() && read.contains(*o))
+        {
             return Err(Error::input(format!(
                 "`{model}`: BatchNormalization `{}` feeds its running statistic `{used}` to other nodes; \
                  export the model without reading running statistics",
@@ -40,12 +52,21 @@ pub fn inference_batchnorm(graph: &mut pb::GraphProto, model: &str) -> Result<Ve
 /// Rewrites every AveragePool whose window covers its whole (fixed-size) input map, without
 /// padding, as GlobalAveragePool: the same values, and ORT Training's AveragePool gradient is
 /// broken on CPU when the batch is symbolic. Returns how many nodes were rewritten.
-pub fn global_average_pool(graph: &mut pb::GraphProto, spatial_size: impl Fn(&str) -> Option<(i64, i64)>) -> usize {
+pub fn global_average_pool(
+    graph: &mut pb::GraphProto,
+    spatial_size: impl Fn(&str) -> Option<(i64, i64)>,
+) -> usize {
     let mut rewritten = 0;
     for node in graph.node.iter_mut().filter(|n| n.op_type == "AveragePool") {
         let kernel = super::proto::attr_ints(node, "kernel_shape").map(<[i64]>::to_vec);
-        let unpadded = super::proto::attr_ints(node, "pads").is_none_or(|p| p.iter().all(|&v| v == 0));
-        let auto_pad = node.attribute.iter().find(|a| a.name == "auto_pad").map(|a| a.s.clone()).unwrap_or_default();
+        let unpadded =
+            super::proto::attr_ints(node, "pads").is_none_or(|p| p.iter().all(|&v| v == 0));
+        let auto_pad = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "auto_pad")
+            .map(|a| a.s.clone())
+            .unwrap_or_default();
         let covers = match (kernel.as_deref(), spatial_size(&node.input[0])) {
             (Some([kh, kw]), Some((h, w))) => *kh == h && *kw == w,
             _ => false,

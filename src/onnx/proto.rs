@@ -11,7 +11,10 @@ pub fn attr_int(node: &pb::NodeProto, name: &str) -> Option<i64> {
 
 /// An integer-list attribute of a node, if present.
 pub fn attr_ints<'a>(node: &'a pb::NodeProto, name: &str) -> Option<&'a [i64]> {
-    node.attribute.iter().find(|a| a.name == name).map(|a| a.ints.as_slice())
+    node.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.ints.as_slice())
 }
 
 /// The ONNX name of a tensor element type, as users see it in exporters (`float32`, `int64`, ...).
@@ -42,7 +45,11 @@ pub fn value_elem_type(info: &pb::ValueInfoProto) -> Option<i32> {
 
 /// Initializers of a graph by name.
 pub fn initializers(graph: &pb::GraphProto) -> HashMap<&str, &pb::TensorProto> {
-    graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect()
+    graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect()
 }
 
 /// The float values of an initializer (raw or typed storage), or None if it is not float32.
@@ -51,7 +58,13 @@ pub fn float_values(tensor: &pb::TensorProto) -> Option<Vec<f32>> {
         return None;
     }
     if !tensor.raw_data.is_empty() {
-        Some(tensor.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Some(
+            tensor
+                .raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
     } else {
         Some(tensor.float_data.clone())
     }

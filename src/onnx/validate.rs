@@ -18,7 +18,11 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
     let mut produced: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     produced.extend(graph.input.iter().map(|i| i.name.as_str()));
     for node in &graph.node {
-        let node_name = if node.name.is_empty() { node.output.first().cloned().unwrap_or_default() } else { node.name.clone() };
+        let node_name = if node.name.is_empty() {
+            node.output.first().cloned().unwrap_or_default()
+        } else {
+            node.name.clone()
+        };
         if !node.domain.is_empty() && node.domain != "ai.onnx" {
             return Err(Error::input(format!(
                 "`{shown}`: node `{node_name}` uses op `{}` of the custom domain `{}`; kdgraph reads standard ONNX ops only: \
@@ -26,7 +30,11 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
                 node.op_type, node.domain
             )));
         }
-        if node.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+        if node
+            .attribute
+            .iter()
+            .any(|a| a.g.is_some() || !a.graphs.is_empty())
+        {
             return Err(Error::input(format!(
                 "`{shown}`: node `{node_name}` ({}) holds a subgraph; control flow (If, Loop, Scan) is not supported: \
                  export the network without data-dependent control flow",
@@ -48,15 +56,26 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
         }
     }
     for node in &graph.node {
-        if let Some(missing) = node.input.iter().find(|i| !i.is_empty() && !produced.contains(i.as_str())) {
+        if let Some(missing) = node
+            .input
+            .iter()
+            .find(|i| !i.is_empty() && !produced.contains(i.as_str()))
+        {
             return Err(Error::input(format!(
                 "`{shown}`: node `{}` reads `{missing}`, which no node, initializer or input produces; the graph is broken: export it again",
                 node.name
             )));
         }
     }
-    if let Some(missing) = graph.output.iter().find(|o| !produced.contains(o.name.as_str())) {
-        return Err(Error::input(format!("`{shown}`: graph output `{}` is produced by no node", missing.name)));
+    if let Some(missing) = graph
+        .output
+        .iter()
+        .find(|o| !produced.contains(o.name.as_str()))
+    {
+        return Err(Error::input(format!(
+            "`{shown}`: graph output `{}` is produced by no node",
+            missing.name
+        )));
     }
     edit::topological_sort(graph).map_err(|e| Error::input(format!("`{shown}`: {e}")))
 }
