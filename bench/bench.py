@@ -8,7 +8,6 @@ export) as student at 224x224, random weights; cached in bench/.cache.
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -23,8 +22,11 @@ import torchvision
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
-sys.path.insert(0, str(ROOT / "tests" / "python"))
-import ort_train  # noqa: E402  (the test suite's ORT Training helper)
+sys.path.insert(0, str(ROOT / "examples"))
+import train_ort  # noqa: E402
+
+import onnxruntime  # noqa: E402
+from onnxruntime.training import artifacts  # noqa: E402
 
 SIZE = 224
 REPEATS = 5
@@ -48,19 +50,47 @@ def export(name, train, path):
 
 
 def timed(cmd):
-    """Wall time of the best of REPEATS runs and the peak RSS (MiB) of the command."""
+    """Wall time of the best of REPEATS runs and the peak RSS (MiB) of the command (GNU time)."""
     best = float("inf")
     peak = 0
     for _ in range(REPEATS):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        run = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         best = min(best, time.perf_counter() - start)
-        peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+        peak = max(peak, int(run.stderr.strip().splitlines()[-1]))
     return best, peak / 1024
 
 
-def step_time(run, repeats=10):
+def student_only(student, workdir):
+    """The student alone with CE (ORT's own loss block), its BatchNorms in inference form."""
+    model = onnx.load(str(student))
+    frozen, trainable = [], []
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            del node.output[1:]
+            for attribute in [a for a in node.attribute if a.name == "training_mode"]:
+                node.attribute.remove(attribute)
+            frozen.extend(node.input[3:5])
+    weights = {n.input[i] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "BatchNormalization") for i in (1, 2) if len(n.input) > i}
+    trainable = [t.name for t in model.graph.initializer if t.name in weights and t.name not in frozen]
+    workdir.mkdir(parents=True, exist_ok=True)
+    artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=frozen, loss=artifacts.LossType.CrossEntropyLoss,
+                                 optimizer=artifacts.OptimType.AdamW, artifact_directory=str(workdir))
+    optimizer = onnx.load(str(workdir / "optimizer_model.onnx"))
+    optimizer.ir_version = 10
+    onnx.save(optimizer, str(workdir / "optimizer_model.onnx"))
+    state = train_ort.CheckpointState.load_checkpoint(str(workdir / "checkpoint"))
+    module = train_ort.Module(str(workdir / "training_model.onnx"), state, str(workdir / "eval_model.onnx"))
+    optimizer = train_ort.Optimizer(str(workdir / "optimizer_model.onnx"), module)
+
+    def step(x, y):
+        module(x, y)
+        optimizer.step()
+        module.lazy_reset_grad()
+    return step
+
+
+def step_time(run, repeats=5):
     run()  # warm-up
     times = []
     for _ in range(repeats):
@@ -87,17 +117,17 @@ def main():
         results[f"merge_{method}_s"], results[f"merge_{method}_peak_mib"] = timed(merge + ["--no-check"])
         results[f"merge_{method}_checked_s"], _ = timed(merge)
 
-    torch.set_num_threads(2)
     batch = 32
     x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
     y = (np.arange(batch) % 1000).astype(np.int64)
     for method in ["kd", "at"]:
-        session = ort_train.TrainingSession(out / f"{method}.onnx", out / f"art_{method}")
-        results[f"step_{method}_s"] = step_time(lambda: session.step(x, y))
+        stage = train_ort.Stage(out / f"{method}.json", out / f"art_{method}")
+        results[f"step_{method}_s"] = step_time(lambda: stage.step({"input": x, "labels": y}))
     # The floor: a student-only training step (CE) plus one teacher forward in onnxruntime.
-    student_only = ort_train.student_only_session(student, out / "art_student")
-    results["step_student_s"] = step_time(lambda: student_only.step(x, y))
-    results["teacher_forward_s"] = ort_train.forward_time(teacher, x, step_time)
+    step = student_only(student, out / "art_student")
+    results["step_student_s"] = step_time(lambda: step(x, y))
+    session = onnxruntime.InferenceSession(str(teacher))
+    results["teacher_forward_s"] = step_time(lambda: session.run(None, {"input": x}))
     floor_step = results["step_student_s"] + results["teacher_forward_s"]
     for method in ["kd", "at"]:
         results[f"step_{method}_ratio"] = results[f"step_{method}_s"] / floor_step

@@ -29,7 +29,7 @@ pub struct PreparedModel {
 }
 
 /// Loads a model and normalises it.
-pub fn load(path: &Path) -> Result<PreparedModel> {
+pub fn load(path: &Path, input_shape: Option<&[i64]>) -> Result<PreparedModel> {
     let mut loaded = load_model(path)?;
     let shown = loaded.display();
     let mut graph = loaded
@@ -38,6 +38,9 @@ pub fn load(path: &Path) -> Result<PreparedModel> {
         .take()
         .expect("load_model guarantees a graph");
     onnx::validate::validate(&mut graph, &loaded.proto, &shown)?;
+    if let Some(dims) = input_shape {
+        onnx::normalize::fix_input_shape(&mut graph, dims, &shown)?;
+    }
     let running_statistics = onnx::normalize::inference_batchnorm(&mut graph, &shown)?;
     loaded.proto.graph = Some(graph);
     Ok(PreparedModel {
@@ -47,8 +50,8 @@ pub fn load(path: &Path) -> Result<PreparedModel> {
 }
 
 /// Loads and analyses one model: its stages, taps and shapes.
-pub fn inspect(path: &Path) -> Result<ModelAnalysis> {
-    let prepared = load(path)?;
+pub fn inspect(path: &Path, input_shape: Option<&[i64]>) -> Result<ModelAnalysis> {
+    let prepared = load(path, input_shape)?;
     analysis::analyse(&prepared.loaded.proto, &prepared.loaded.display())
 }
 
@@ -61,8 +64,8 @@ pub struct Merge {
 
 /// Loads and analyses both models and pairs their taps (what a dry run shows).
 pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Result<Merge> {
-    let teacher = load(teacher)?;
-    let student = load(student)?;
+    let teacher = load(teacher, options.input_shape.as_deref())?;
+    let student = load(student, options.input_shape.as_deref())?;
     let t = analysis::analyse(&teacher.loaded.proto, &teacher.loaded.display())?;
     let s = analysis::analyse(&student.loaded.proto, &student.loaded.display())?;
     let plan = plan::plan(t, s, options)?;

@@ -29,6 +29,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Sizes of the image input besides the batch (C,H,W), for models exported with symbolic sizes.
+        #[arg(long, value_name = "C,H,W", value_parser = parse_dims)]
+        input_shape: Option<Vec<i64>>,
     },
     /// Pair the teacher's and the student's taps and write the joint training graph.
     Merge(MergeArgs),
@@ -83,6 +86,9 @@ struct MergeArgs {
     /// Pair these tensors instead of the automatic pairing (repeatable).
     #[arg(long = "tap", value_name = "TEACHER_TENSOR=STUDENT_TENSOR", value_parser = parse_tap)]
     taps: Vec<(String, String)>,
+    /// Sizes of the image input besides the batch (C,H,W), for models exported with symbolic sizes.
+    #[arg(long, value_name = "C,H,W", value_parser = parse_dims)]
+    input_shape: Option<Vec<i64>>,
     /// Weight of the KD term (default: 0.9 with --method kd, else 0).
     #[arg(long, help_heading = "Loss weights")]
     alpha: Option<f64>,
@@ -107,6 +113,15 @@ fn parse_tap(s: &str) -> std::result::Result<(String, String), String> {
         Some((t, s)) if !t.is_empty() && !s.is_empty() => Ok((t.to_string(), s.to_string())),
         _ => Err(format!("expected TEACHER_TENSOR=STUDENT_TENSOR, got `{s}`")),
     }
+}
+
+fn parse_dims(s: &str) -> std::result::Result<Vec<i64>, String> {
+    s.split([',', 'x'])
+        .map(|d| match d.trim().parse::<i64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("`{s}`: expected positive sizes such as 3,224,224")),
+        })
+        .collect()
 }
 
 fn parse_beta(s: &str) -> std::result::Result<(Option<MethodName>, f64), String> {
@@ -137,8 +152,8 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Inspect { model, json } => {
-            let analysis = kdgraph::inspect(&model)?;
+        Command::Inspect { model, json, input_shape } => {
+            let analysis = kdgraph::inspect(&model, input_shape.as_deref())?;
             print!(
                 "{}",
                 if json {
@@ -183,6 +198,7 @@ fn merge(args: MergeArgs) -> Result<()> {
         crd_n_data: args.crd_n_data,
         crd_negatives: args.crd_negatives,
         teacher_batch_statistics: args.teacher_batch_statistics,
+        input_shape: args.input_shape,
     };
     if args.check_batch == 0 {
         return Err(Error::usage("--check-batch must be at least 1"));

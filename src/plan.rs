@@ -28,6 +28,8 @@ pub struct PlanOptions {
     pub crd_negatives: i64,
     /// OFD: run the teacher's BatchNorms on batch statistics (as the reference) instead of folding them.
     pub teacher_batch_statistics: bool,
+    /// Sizes of the image input besides the batch, for models exported with symbolic H and W.
+    pub input_shape: Option<Vec<i64>>,
 }
 
 /// The weights of the total loss `gamma * CE + alpha * KD_T + sum beta_m * L_m`.
@@ -119,12 +121,14 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
     let hyper = hyper_parameters(&methods, options)?;
     let mut notes = Vec::new();
     if hyper.alpha > 0.0 && !methods.contains(&MethodName::Kd) {
-        methods.insert(0, MethodName::Kd);
+        methods.push(MethodName::Kd);
         notes.push(format!(
             "--alpha {} adds the KD term on the logits",
             hyper.alpha
         ));
     }
+    // KD's term comes first in the graph's outputs, after CE (DESIGN.md).
+    methods.sort_by_key(|m| *m != MethodName::Kd);
     if methods.contains(&MethodName::Kd) && hyper.alpha == 0.0 {
         notes.push("--alpha 0 gives the KD term no weight: loss/kd is computed and reported but does not train".into());
     }

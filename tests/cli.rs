@@ -924,7 +924,7 @@ fn dot_never_overwrites_an_input() {
 #[test]
 fn repeated_method_is_planned_once() {
     let plan = json(&dry_run(&["at", "kd", "at"], &["--json"]));
-    assert_eq!(plan["methods"], serde_json::json!(["at", "kd"]));
+    assert_eq!(plan["methods"], serde_json::json!(["kd", "at"]));
     assert_eq!(plan["pairs"].as_array().unwrap().len(), 4);
 }
 

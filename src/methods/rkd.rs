@@ -48,12 +48,14 @@ impl Method for Rkd {
         let teacher_gram = b.batch_gram(&e_t, "kd/rkd/teacher/identity_source");
         let identity = b.unary("EyeLike", &teacher_gram, "kd/rkd/identity");
         let off_mask = b.sub(&one, &identity, "kd/rkd/off_diagonal_mask");
-        let d_s = distances(b, &e_s, &off_mask, &off_count, "kd/rkd/student");
-        let d_t = distances(b, &e_t, &off_mask, &off_count, "kd/rkd/teacher");
+        let diff_s = differences(b, &e_s, "kd/rkd/student");
+        let diff_t = differences(b, &e_t, "kd/rkd/teacher");
+        let d_s = distances(b, &diff_s, &off_mask, &off_count, "kd/rkd/student");
+        let d_t = distances(b, &diff_t, &off_mask, &off_count, "kd/rkd/teacher");
         let distance_l1 = b.smooth_l1(&d_s, &d_t, "kd/rkd/distance_smooth_l1");
         let loss_d = b.mean_all(&distance_l1, "kd/rkd/loss_distance");
-        let a_s = angles(b, &e_s, "kd/rkd/student");
-        let a_t = angles(b, &e_t, "kd/rkd/teacher");
+        let a_s = angles(b, &diff_s, "kd/rkd/student");
+        let a_t = angles(b, &diff_t, "kd/rkd/teacher");
         let angle_l1 = b.smooth_l1(&a_s, &a_t, "kd/rkd/angle_smooth_l1");
         let loss_a = b.mean_all(&angle_l1, "kd/rkd/loss_angle");
         let wd = b.scalar("kd/rkd/distance_weight", DISTANCE_WEIGHT);
@@ -64,32 +66,35 @@ impl Method for Rkd {
     }
 }
 
-/// Pairwise distances `sqrt(max(|e_i|^2 + |e_j|^2 - 2 e_i.e_j, 1e-12))`, diagonal 0, divided by
-/// the mean of the off-diagonal entries.
-fn distances(b: &mut GraphBuilder, e: &str, off_mask: &str, off_count: &str, base: &str) -> String {
-    let squared = b.square(e, &format!("{base}/squared"));
-    let norms = b.reduce_sum(&squared, &[1], &format!("{base}/squared_norms"));
-    let norms_row = b.transpose(&norms, &[1, 0], &format!("{base}/squared_norms_row"));
-    let gram = b.batch_gram(e, &format!("{base}/gram"));
-    let two = b.scalar(&format!("{base}/two"), 2.0);
-    let twice = b.mul(&gram, &two, &format!("{base}/twice_gram"));
-    let sum = b.add(&norms, &norms_row, &format!("{base}/norm_sum"));
-    let d2 = b.sub(&sum, &twice, &format!("{base}/distance_squared"));
+/// `e_j - e_i` for every pair, shape [B, B, D].
+fn differences(b: &mut GraphBuilder, e: &str, base: &str) -> String {
+    let rows = b.unsqueeze(e, &[0], &format!("{base}/as_rows"));
+    let cols = b.unsqueeze(e, &[1], &format!("{base}/as_cols"));
+    b.sub(&rows, &cols, &format!("{base}/differences"))
+}
+
+/// Pairwise distances `sqrt(max(|e_i - e_j|^2, 1e-12))`, diagonal 0, divided by the mean of the
+/// off-diagonal entries (at least 1e-12, so a batch of one gives 0). METHODS.md writes the
+/// squared distance as `|e_i|^2 + |e_j|^2 - 2 e_i.e_j`; summing squared differences is the same
+/// number without float32's cancellation when embeddings lie close together.
+fn distances(b: &mut GraphBuilder, differences: &str, off_mask: &str, off_count: &str, base: &str) -> String {
+    let squared = b.square(differences, &format!("{base}/differences_squared"));
+    let summed = b.reduce_sum(&squared, &[2], &format!("{base}/distance_squared_column"));
+    let axes = b.const_i64(&format!("{base}/squeeze_axes"), &[1], &[2]);
+    let d2 = b.op("Squeeze", &[&summed, &axes], vec![], &format!("{base}/distance_squared"));
     let floor = b.scalar(&format!("{base}/floor"), DISTANCE_FLOOR);
     let clamped = b.op("Max", &[&d2, &floor], vec![], &format!("{base}/clamped"));
     let d = b.unary("Sqrt", &clamped, &format!("{base}/distance_raw"));
     let masked = b.mul(&d, off_mask, &format!("{base}/distance_off_diagonal"));
     let total = b.sum_all(&masked, &format!("{base}/distance_total"));
     let mean = b.div(&total, off_count, &format!("{base}/distance_mean"));
+    let mean = b.op("Max", &[&mean, &floor], vec![], &format!("{base}/distance_mean_floored"));
     b.div(&masked, &mean, &format!("{base}/distance"))
 }
 
 /// `angle[i, j, k] = <N(e_j - e_i), N(e_k - e_i)>`, flattened.
-fn angles(b: &mut GraphBuilder, e: &str, base: &str) -> String {
-    let rows = b.unsqueeze(e, &[0], &format!("{base}/as_rows"));
-    let cols = b.unsqueeze(e, &[1], &format!("{base}/as_cols"));
-    let differences = b.sub(&rows, &cols, &format!("{base}/differences"));
-    let directions = b.l2_normalize(&differences, 2, &format!("{base}/directions"));
+fn angles(b: &mut GraphBuilder, differences: &str, base: &str) -> String {
+    let directions = b.l2_normalize(differences, 2, &format!("{base}/directions"));
     let transposed = b.transpose(&directions, &[0, 2, 1], &format!("{base}/directions_t"));
     let angle = b.matmul(&directions, &transposed, &format!("{base}/angle_matrix"));
     b.reshape(&angle, &[-1], &format!("{base}/angles"))

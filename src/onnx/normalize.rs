@@ -79,3 +79,30 @@ pub fn global_average_pool(
     }
     rewritten
 }
+
+/// Gives the first graph input the sizes `dims` for every axis but the batch (axis 0), for models
+/// exported with symbolic spatial sizes.
+pub fn fix_input_shape(graph: &mut pb::GraphProto, dims: &[i64], model: &str) -> Result<()> {
+    use pb::tensor_shape_proto::{dimension::Value, Dimension};
+    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let Some(input) = graph.input.iter_mut().find(|i| !initializers.contains(i.name.as_str())) else {
+        return Err(Error::input(format!("`{model}` has no graph input to give --input-shape to")));
+    };
+    let name = input.name.clone();
+    let shape = match input.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        Some(pb::type_proto::Value::TensorType(t)) => t.shape.get_or_insert_with(Default::default),
+        None => return Err(Error::input(format!("`{model}`: input `{name}` has no tensor type"))),
+    };
+    if !shape.dim.is_empty() && shape.dim.len() != dims.len() + 1 {
+        return Err(Error::usage(format!(
+            "--input-shape gives {} sizes but input `{name}` of `{model}` has {} axes besides the batch",
+            dims.len(),
+            shape.dim.len().saturating_sub(1)
+        )));
+    }
+    let batch = shape.dim.first().cloned().unwrap_or(Dimension { value: Some(Value::DimParam("N".into())), ..Default::default() });
+    shape.dim = std::iter::once(batch)
+        .chain(dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }))
+        .collect();
+    Ok(())
+}

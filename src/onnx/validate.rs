@@ -14,6 +14,18 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
             "`{shown}` imports no ai.onnx opset; the file is damaged or not a network: export it again"
         )));
     }
+    use pb::tensor_proto::DataType;
+    if let Some(half) = graph
+        .initializer
+        .iter()
+        .find(|t| t.data_type == DataType::Float16 as i32 || t.data_type == DataType::Bfloat16 as i32)
+    {
+        return Err(Error::input(format!(
+            "`{shown}` stores weight `{}` as {}; kdgraph builds float32 training graphs: export the model in float32 (model.float())",
+            half.name,
+            proto::dtype_name(half.data_type)
+        )));
+    }
     let known = tract_onnx::onnx().op_register;
     let mut produced: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     produced.extend(graph.input.iter().map(|i| i.name.as_str()));

@@ -33,8 +33,19 @@ pub struct Run {
 impl Run {
     /// Fails unless the command exited with 0 and printed nothing on stderr.
     pub fn success(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "`{}` failed:\n{}", self.command, self.stderr);
-        assert!(self.stderr.is_empty(), "`{}` printed on stderr:\n{}", self.command, self.stderr);
+        assert_eq!(
+            self.code,
+            Some(0),
+            "`{}` failed:\n{}",
+            self.command,
+            self.stderr
+        );
+        assert!(
+            self.stderr.is_empty(),
+            "`{}` printed on stderr:\n{}",
+            self.command,
+            self.stderr
+        );
         self
     }
 
@@ -42,7 +53,12 @@ impl Run {
     /// line on stderr, `error: ...`, that contains every one of `names`; and did not panic.
     /// Returns that line.
     pub fn error(&self, code: i32, names: &[&str]) -> &str {
-        assert!(!self.stderr.contains("panicked"), "`{}` panicked:\n{}", self.command, self.stderr);
+        assert!(
+            !self.stderr.contains("panicked"),
+            "`{}` panicked:\n{}",
+            self.command,
+            self.stderr
+        );
         assert_eq!(
             self.code,
             Some(code),
@@ -51,7 +67,12 @@ impl Run {
             self.stdout,
             self.stderr
         );
-        assert!(self.stdout.is_empty(), "`{}` failed but printed on stdout:\n{}", self.command, self.stdout);
+        assert!(
+            self.stdout.is_empty(),
+            "`{}` failed but printed on stdout:\n{}",
+            self.command,
+            self.stdout
+        );
         let line = self.stderr.strip_suffix('\n').unwrap_or(&self.stderr);
         assert!(
             line.starts_with("error: ") && !line.contains('\n'),
@@ -60,7 +81,11 @@ impl Run {
             self.stderr
         );
         for name in names {
-            assert!(line.contains(name), "`{}`: the message should name `{name}`:\n{line}", self.command);
+            assert!(
+                line.contains(name),
+                "`{}`: the message should name `{name}`:\n{line}",
+                self.command
+            );
         }
         line
     }
@@ -72,8 +97,14 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
-    let shown: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let args: Vec<std::ffi::OsString> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let output = Command::new(env!("CARGO_BIN_EXE_kdgraph"))
         .args(&args)
         .current_dir(dir)
@@ -104,7 +135,8 @@ impl TempDir {
     pub fn new(label: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("kdgraph-cli-{}-{n}-{label}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("kdgraph-cli-{}-{n}-{label}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).expect("create a temp dir");
         TempDir(path)
@@ -145,7 +177,12 @@ impl Drop for TempDir {
 pub fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .expect("list a folder")
-        .map(|e| e.expect("a folder entry").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("a folder entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     names.sort();
     names
@@ -155,20 +192,34 @@ pub fn listing(dir: &Path) -> Vec<String> {
 pub fn assert_snapshot(name: &str, actual: &str) {
     let path = repo().join("tests/snapshots").join(format!("{name}.txt"));
     if std::env::var_os("KDGRAPH_BLESS").is_some_and(|v| v == "1") {
-        fs::create_dir_all(path.parent().expect("snapshots folder")).expect("create tests/snapshots");
+        fs::create_dir_all(path.parent().expect("snapshots folder"))
+            .expect("create tests/snapshots");
         fs::write(&path, actual).expect("write the snapshot");
         return;
     }
     let bless = "if the new output is right, run `KDGRAPH_BLESS=1 cargo test --test cli` and review the diff of tests/snapshots/";
     let Ok(expected) = fs::read_to_string(&path) else {
-        panic!("snapshot `{}` does not exist; {bless}\n--- actual ---\n{actual}", path.display());
+        panic!(
+            "snapshot `{}` does not exist; {bless}\n--- actual ---\n{actual}",
+            path.display()
+        );
     };
     if expected == actual {
         return;
     }
-    let (e, a): (Vec<&str>, Vec<&str>) = (expected.split('\n').collect(), actual.split('\n').collect());
-    let line = e.iter().zip(&a).position(|(x, y)| x != y).unwrap_or(e.len().min(a.len()));
-    let show = |lines: &[&str]| lines.get(line).map(|l| format!("{l:?}")).unwrap_or_else(|| "<end of output>".into());
+    let (e, a): (Vec<&str>, Vec<&str>) =
+        (expected.split('\n').collect(), actual.split('\n').collect());
+    let line = e
+        .iter()
+        .zip(&a)
+        .position(|(x, y)| x != y)
+        .unwrap_or(e.len().min(a.len()));
+    let show = |lines: &[&str]| {
+        lines
+            .get(line)
+            .map(|l| format!("{l:?}"))
+            .unwrap_or_else(|| "<end of output>".into())
+    };
     panic!(
         "snapshot `{}` differs at line {}:\n  expected: {}\n  actual:   {}\n({} lines expected, {} actual); {bless}\n--- actual ---\n{actual}",
         path.display(),
@@ -189,18 +240,26 @@ fn dim(d: &str) -> pb::tensor_shape_proto::Dimension {
         Ok(n) => Value::DimValue(n),
         Err(_) => Value::DimParam(d.to_string()),
     };
-    pb::tensor_shape_proto::Dimension { value: Some(value), ..Default::default() }
+    pb::tensor_shape_proto::Dimension {
+        value: Some(value),
+        ..Default::default()
+    }
 }
 
 /// A float32 value_info; dims are numbers or symbols (`"N"`).
 pub fn value(name: &str, dims: &[&str]) -> pb::ValueInfoProto {
     let tensor = pb::type_proto::Tensor {
         elem_type: pb::tensor_proto::DataType::Float as i32,
-        shape: Some(pb::TensorShapeProto { dim: dims.iter().map(|d| dim(d)).collect() }),
+        shape: Some(pb::TensorShapeProto {
+            dim: dims.iter().map(|d| dim(d)).collect(),
+        }),
     };
     pb::ValueInfoProto {
         name: name.to_string(),
-        r#type: Some(pb::TypeProto { value: Some(pb::type_proto::Value::TensorType(tensor)), ..Default::default() }),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(tensor)),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -235,7 +294,13 @@ fn int(name: &str, value: i64) -> pb::AttributeProto {
     }
 }
 
-pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attributes: Vec<pb::AttributeProto>) -> pb::NodeProto {
+pub fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attributes: Vec<pb::AttributeProto>,
+) -> pb::NodeProto {
     pb::NodeProto {
         op_type: op.to_string(),
         name: name.to_string(),
@@ -251,7 +316,10 @@ pub fn model(graph: pb::GraphProto) -> pb::ModelProto {
     pb::ModelProto {
         ir_version: 8,
         producer_name: "kdgraph-tests".into(),
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
         graph: Some(graph),
         ..Default::default()
     }
@@ -267,19 +335,61 @@ pub fn conv_net(h: i64, w: i64, classes: i64) -> pb::ModelProto {
             name,
             &[input, weight, bias],
             &[output],
-            vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1]), ints("strides", &[stride, stride])],
+            vec![
+                ints("kernel_shape", &[3, 3]),
+                ints("pads", &[1, 1, 1, 1]),
+                ints("strides", &[stride, stride]),
+            ],
         )
     };
     let graph = pb::GraphProto {
         name: "tiny_conv".into(),
         node: vec![
-            conv("/stem/Conv", "input", "stem.weight", "stem.bias", "stem_conv", 1),
+            conv(
+                "/stem/Conv",
+                "input",
+                "stem.weight",
+                "stem.bias",
+                "stem_conv",
+                1,
+            ),
             node("Relu", "/stem/Relu", &["stem_conv"], &["stem_relu"], vec![]),
-            conv("/stage1/Conv", "stem_relu", "stage1.weight", "stage1.bias", "stage1_conv", 2),
-            node("Relu", "/stage1/Relu", &["stage1_conv"], &["stage1_relu"], vec![]),
-            node("GlobalAveragePool", "/pool/GlobalAveragePool", &["stage1_relu"], &["pooled"], vec![]),
-            node("Flatten", "/Flatten", &["pooled"], &["embedding"], vec![int("axis", 1)]),
-            node("Gemm", "/fc/Gemm", &["embedding", "fc.weight", "fc.bias"], &["logits"], vec![int("transB", 1)]),
+            conv(
+                "/stage1/Conv",
+                "stem_relu",
+                "stage1.weight",
+                "stage1.bias",
+                "stage1_conv",
+                2,
+            ),
+            node(
+                "Relu",
+                "/stage1/Relu",
+                &["stage1_conv"],
+                &["stage1_relu"],
+                vec![],
+            ),
+            node(
+                "GlobalAveragePool",
+                "/pool/GlobalAveragePool",
+                &["stage1_relu"],
+                &["pooled"],
+                vec![],
+            ),
+            node(
+                "Flatten",
+                "/Flatten",
+                &["pooled"],
+                &["embedding"],
+                vec![int("axis", 1)],
+            ),
+            node(
+                "Gemm",
+                "/fc/Gemm",
+                &["embedding", "fc.weight", "fc.bias"],
+                &["logits"],
+                vec![int("transB", 1)],
+            ),
         ],
         initializer: vec![
             weight("stem.weight", &[4, 3, 3, 3]),
@@ -301,12 +411,34 @@ pub fn mlp() -> pb::ModelProto {
     let graph = pb::GraphProto {
         name: "tiny_mlp".into(),
         node: vec![
-            node("MatMul", "/fc1/MatMul", &["input", "fc1.weight"], &["fc1_mm"], vec![]),
-            node("Add", "/fc1/Add", &["fc1_mm", "fc1.bias"], &["fc1_out"], vec![]),
+            node(
+                "MatMul",
+                "/fc1/MatMul",
+                &["input", "fc1.weight"],
+                &["fc1_mm"],
+                vec![],
+            ),
+            node(
+                "Add",
+                "/fc1/Add",
+                &["fc1_mm", "fc1.bias"],
+                &["fc1_out"],
+                vec![],
+            ),
             node("Relu", "/Relu", &["fc1_out"], &["hidden"], vec![]),
-            node("MatMul", "/fc2/MatMul", &["hidden", "fc2.weight"], &["logits"], vec![]),
+            node(
+                "MatMul",
+                "/fc2/MatMul",
+                &["hidden", "fc2.weight"],
+                &["logits"],
+                vec![],
+            ),
         ],
-        initializer: vec![weight("fc1.weight", &[16, 32]), weight("fc1.bias", &[32]), weight("fc2.weight", &[32, 10])],
+        initializer: vec![
+            weight("fc1.weight", &[16, 32]),
+            weight("fc1.bias", &[32]),
+            weight("fc2.weight", &[32, 10]),
+        ],
         input: vec![value("input", &["N", "16"])],
         output: vec![value("logits", &["N", "10"])],
         ..Default::default()
@@ -319,7 +451,9 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed;
     (0..len)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 56) as u8
         })
         .collect()
