@@ -12,9 +12,18 @@ pub struct Term {
     pub value: f32,
 }
 
-/// Runs `model` with tract at batch size `batch`: images from a seeded generator, labels `i % classes`.
-/// Returns every scalar float output (the loss and its terms), in output order.
+/// Runs `model` with tract at batch size `batch`: images from a seeded generator, labels
+/// `i % classes`, other integer inputs (CRD's indices) `i % memory size`. Returns every scalar
+/// float output (the loss and its terms), in output order.
 pub fn run_losses(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
+    crate::guard::catch_panic(|| run(model, batch, shown)).unwrap_or_else(|panic| {
+        Err(Error::input(format!(
+            "tract failed while running `{shown}`: {panic}"
+        )))
+    })
+}
+
+fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
     let fail = |stage: &str, e: TractError| {
         Error::input(format!(
             "tract could not {stage} `{shown}`: {}",
@@ -36,6 +45,7 @@ pub fn run_losses(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<V
         .filter(|i| !initializers.contains(i.name.as_str()))
         .collect();
     let classes = class_count(graph);
+    let rows = memory_rows(&feeds).unwrap_or(classes);
     let mut inference = tract_onnx::onnx()
         .model_for_proto_model(model)
         .map_err(|e| fail("read", e))?;
@@ -44,9 +54,14 @@ pub fn run_losses(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<V
         let (elem_type, dims) = input_type(input, batch)?;
         let value = if elem_type == pb::tensor_proto::DataType::Int64 as i32 {
             let count: usize = dims.iter().product();
+            let bound = if input.name == crate::joint::LABELS {
+                classes
+            } else {
+                rows
+            };
             tract_ndarray::ArrayD::from_shape_vec(
                 dims.clone(),
-                (0..count).map(|i| (i as i64) % classes).collect::<Vec<_>>(),
+                (0..count).map(|i| (i as i64) % bound).collect::<Vec<_>>(),
             )
             .map(|a| a.into_tensor())
             .map_err(|e| Error::input(format!("input `{}`: {e}", input.name)))?
@@ -90,6 +105,27 @@ pub fn run_losses(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<V
         }
     }
     Ok(terms)
+}
+
+/// The rows of the smallest fixed-size float matrix input (CRD's memory banks), if any.
+fn memory_rows(feeds: &[&pb::ValueInfoProto]) -> Option<i64> {
+    feeds
+        .iter()
+        .filter_map(|input| match input.r#type.as_ref()?.value.as_ref()? {
+            pb::type_proto::Value::TensorType(t)
+                if t.elem_type == pb::tensor_proto::DataType::Float as i32 =>
+            {
+                let dims = &t.shape.as_ref()?.dim;
+                match (dims.len(), dims.first()?.value.as_ref()?) {
+                    (2, pb::tensor_shape_proto::dimension::Value::DimValue(n)) if *n > 0 => {
+                        Some(*n)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .min()
 }
 
 /// The number of classes: the last dim of the first rank-2 float output that is not a loss.

@@ -119,6 +119,7 @@ pub fn assemble(
         .map(|p| p.teacher.tensor.clone())
         .collect();
     edit::prune_to(&mut t_graph, &needed);
+    normalize::inference_dropout(&mut t_graph, &t_shown)?;
     if !plan.hyper.teacher_batch_statistics {
         edit::fold_batchnorm(&mut t_graph, &needed, &t_shown)?;
     }
@@ -199,10 +200,10 @@ pub fn assemble(
     for (output, term, weight) in &terms {
         b.node("Identity", &[term], &[output], vec![], output);
         b.doc_last("an unweighted loss term, comparable with a reference implementation");
-        let w = b.scalar(&format!("{output}/weight"), *weight as f32);
-        weighted.push(b.mul(term, &w, &format!("{output}/weighted")));
+        let w = b.scalar(&format!("kd/{output}/weight"), *weight as f32);
+        weighted.push(b.mul(term, &w, &format!("kd/{output}/weighted")));
     }
-    let total = b.sum_of(&weighted, "loss/total");
+    let total = b.sum_of(&weighted, "kd/loss/total");
     b.node("Identity", &[&total], &[LOSS], vec![], LOSS);
     b.doc_last(match stage {
         Stage::Main => "the weighted total: gamma * CE + alpha * KD + sum of beta * method terms",

@@ -6,6 +6,7 @@
 pub mod analysis;
 pub mod check;
 pub mod error;
+mod guard;
 pub mod joint;
 pub mod methods;
 pub mod onnx;
@@ -30,7 +31,11 @@ pub struct PreparedModel {
 
 /// Loads a model and normalises it.
 pub fn load(path: &Path, input_shape: Option<&[i64]>) -> Result<PreparedModel> {
-    let mut loaded = load_model(path)?;
+    prepare(load_model(path)?, input_shape)
+}
+
+/// Validates and normalises a decoded model.
+pub fn prepare(mut loaded: LoadedModel, input_shape: Option<&[i64]>) -> Result<PreparedModel> {
     let shown = loaded.display();
     let mut graph = loaded
         .proto

@@ -152,7 +152,11 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Inspect { model, json, input_shape } => {
+        Command::Inspect {
+            model,
+            json,
+            input_shape,
+        } => {
             let analysis = kdgraph::inspect(&model, input_shape.as_deref())?;
             print!(
                 "{}",

@@ -231,10 +231,12 @@ fn hyper_parameters(methods: &[MethodName], options: &PlanOptions) -> Result<Hyp
             Some(m) => {
                 beta.insert(m, value);
             }
-            None if feature_methods.len() > 1 => return Err(Error::usage(format!(
+            None if feature_methods.len() > 1 => {
+                return Err(Error::usage(format!(
                 "--beta {value} is ambiguous with several methods; say which: --beta {}={value}",
                 feature_methods[0]
-            ))),
+            )))
+            }
             None => beta.values_mut().for_each(|b| *b = value),
         }
     }

@@ -172,7 +172,10 @@ pub fn plan_dot(plan: &Plan) -> String {
     for pair in &plan.pairs {
         let (t, s) = (&pair.teacher.tensor, &pair.student.tensor);
         // Pre-ReLU and hand-picked taps are not on the chain: give them a node of their own.
-        for (role, info) in [("teacher", &pair.teacher), ("student", &pair.student)] {
+        for (role, info, model) in [
+            ("teacher", &pair.teacher, &plan.teacher),
+            ("student", &pair.student, &plan.student),
+        ] {
             let id = format!("{role}:{}", info.tensor);
             if drawn.insert(id.clone()) {
                 let label = format!("{}\n{}", show_shape(&info.shape), info.tensor);
@@ -182,6 +185,19 @@ pub fn plan_dot(plan: &Plan) -> String {
                     quote(&id),
                     quote(&label)
                 );
+                // A pre-ReLU tap feeds its stage's end.
+                if let Some(stage) = model
+                    .stages
+                    .iter()
+                    .find(|s| s.pre_relu.as_deref() == Some(info.tensor.as_str()))
+                {
+                    let end = quote(&format!("{role}:{}", stage.tensor));
+                    let _ = writeln!(
+                        out,
+                        "  {} -> {end} [style=dotted, label=\"ReLU\"];",
+                        quote(&id)
+                    );
+                }
             }
         }
         let _ = writeln!(

@@ -9,6 +9,9 @@ use petgraph::Direction;
 
 use crate::onnx::pb;
 
+/// Ops that learn a transformation of their input.
+const LEARNED_OPS: [&str; 4] = ["Conv", "ConvTranspose", "Gemm", "MatMul"];
+
 /// Ops whose outputs depend on a tensor's shape only, never on its values.
 const SHAPE_ONLY_OPS: [&str; 2] = ["Shape", "Size"];
 
@@ -131,6 +134,30 @@ impl<'a> Dataflow<'a> {
         self.consumers
             .get(tensor)
             .is_some_and(|c| c.iter().any(|&n| vertices.contains(&NodeIndex::new(n + 1))))
+    }
+
+    /// Whether a convolution or matrix product lies on the data paths from `from` to `to`.
+    pub fn learns_between(&self, from: &str, to: &str) -> bool {
+        let Some(&start) = self.producer.get(to) else {
+            return false;
+        };
+        let stop = self.producer.get(from).copied();
+        let mut seen = HashSet::from([start]);
+        let mut stack = vec![start];
+        while let Some(index) = stack.pop() {
+            let node = &self.graph.node[index];
+            if LEARNED_OPS.contains(&node.op_type.as_str()) {
+                return true;
+            }
+            for input in self.data_inputs(node) {
+                if let Some(&p) = self.producer.get(input) {
+                    if Some(p) != stop && seen.insert(p) {
+                        stack.push(p);
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// The nodes that read a data tensor.

@@ -45,6 +45,14 @@ pub fn fixed(dim: &Dim) -> Option<i64> {
 
 /// Runs tract's shape inference on a (normalised) model and returns the known shapes by tensor name.
 pub fn infer_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Shape>> {
+    crate::guard::catch_panic(|| tract_shapes(model, shown)).unwrap_or_else(|panic| {
+        Err(Error::input(format!(
+            "`{shown}`: tract failed while inferring shapes: {panic}; the graph is probably malformed"
+        )))
+    })
+}
+
+fn tract_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Shape>> {
     let onnx = tract_onnx::onnx();
     let parsed = onnx.parse(model, None).map_err(|e| {
         Error::input(format!(

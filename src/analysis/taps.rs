@@ -20,8 +20,6 @@ const ACTIVATIONS: [&str; 8] = [
     "Selu",
     "Gelu",
 ];
-/// Ops that pass the embedding through unchanged at inference.
-const PASS_THROUGH: [&str; 2] = ["Dropout", "Identity"];
 
 /// Where a model can be tapped, as tensor names.
 #[derive(Debug, Clone)]
@@ -48,15 +46,9 @@ pub fn find_taps(
     });
     let embedding = match classifier {
         Some(i) => {
+            // The classifier's own input: after a training-mode Dropout where the export kept one.
             let node = flow.producer(cuts[i]).expect("a cut has a producer");
-            let mut tensor = flow.data_inputs(node).next().unwrap_or(cuts[i.saturating_sub(1)]);
-            while let Some(n) = flow.producer(tensor).filter(|n| PASS_THROUGH.contains(&n.op_type.as_str())) {
-                match flow.data_inputs(n).next() {
-                    Some(input) => tensor = input,
-                    None => break,
-                }
-            }
-            tensor.to_string()
+            flow.data_inputs(node).next().unwrap_or(cuts[i.saturating_sub(1)]).to_string()
         }
         None => cuts
             .iter()
@@ -85,7 +77,19 @@ pub fn find_taps(
              kdgraph needs a convolutional network (check that the input has fixed H and W)"
         )));
     }
-    let groups = group_by_resolution(&spatial_cuts, shapes);
+    let mut groups = group_by_resolution(&spatial_cuts, shapes);
+    // A resolution reached by pooling alone, with no learned op after the previous stage (VGG's
+    // adaptive pool after its last max-pool), is not a stage of its own.
+    let mut k = 1;
+    while k < groups.len() {
+        let previous = *groups[k - 1].last().expect("groups are not empty");
+        let current = *groups[k].last().expect("groups are not empty");
+        if flow.learns_between(previous, current) {
+            k += 1;
+        } else {
+            groups.remove(k);
+        }
+    }
     let mut notes = Vec::new();
     let last_group = groups.len() - 1;
     let mut spatial: Vec<String> = Vec::with_capacity(groups.len() + 1);

@@ -69,36 +69,26 @@ impl Method for Ab {
             let m = b.scalar(&format!("{base}/margin"), MARGIN);
             let minus_m = b.scalar(&format!("{base}/minus_margin"), -MARGIN);
             let zero = b.scalar(&format!("{base}/zero"), 0.0);
-            let teacher_on = b.op(
-                "Greater",
-                &[&t, &zero],
-                vec![],
-                &format!("{base}/teacher_on"),
-            );
+            let teacher_on = b.binary("Greater", &t, &zero, &format!("{base}/teacher_on"));
             let teacher_off = b.unary("Not", &teacher_on, &format!("{base}/teacher_off"));
-            let above_minus = b.op(
+            let above_minus = b.binary(
                 "Greater",
-                &[&s, &minus_m],
-                vec![],
+                &s,
+                &minus_m,
                 &format!("{base}/student_above_minus_m"),
             );
-            let above_plus = b.op(
-                "Greater",
-                &[&s, &m],
-                vec![],
-                &format!("{base}/student_above_m"),
-            );
+            let above_plus = b.binary("Greater", &s, &m, &format!("{base}/student_above_m"));
             let below_plus = b.unary("Not", &above_plus, &format!("{base}/student_at_most_m"));
-            let wrongly_on = b.op(
+            let wrongly_on = b.binary(
                 "And",
-                &[&above_minus, &teacher_off],
-                vec![],
+                &above_minus,
+                &teacher_off,
                 &format!("{base}/wrongly_on"),
             );
-            let wrongly_off = b.op(
+            let wrongly_off = b.binary(
                 "And",
-                &[&below_plus, &teacher_on],
-                vec![],
+                &below_plus,
+                &teacher_on,
                 &format!("{base}/wrongly_off"),
             );
             let on_mask = b.mask(&wrongly_on, &format!("{base}/wrongly_on_mask"));

@@ -68,7 +68,7 @@ impl Method for Cc {
         let batch = b.batch_size(&image, "kd/cc/batch");
         let one = b.scalar("kd/cc/one", 1.0);
         let adjacent = b.sub(&batch, &one, "kd/cc/adjacent_pairs");
-        let count = b.op("Max", &[&adjacent, &one], vec![], "kd/cc/pair_count");
+        let count = b.binary("Max", &adjacent, &one, "kd/cc/pair_count");
         Ok(Some(b.div(&total, &count, "kd/cc/term")))
     }
 }

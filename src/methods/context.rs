@@ -225,12 +225,7 @@ impl LossContext<'_> {
                 let b = &mut *self.b;
                 let expanded = b.unsqueeze(x, &[3, 5], &format!("{base}/unsqueezed"));
                 let repeat = b.const_i64(&format!("{base}/repeat"), &[6], &[1, 1, 1, 2, 1, 2]);
-                let tiled = b.op(
-                    "Expand",
-                    &[&expanded, &repeat],
-                    vec![],
-                    &format!("{base}/expanded"),
-                );
+                let tiled = b.binary("Expand", &expanded, &repeat, &format!("{base}/expanded"));
                 b.reshape(&tiled, &[-1, *channels, 2 * height, 2 * width], base)
             }
             Layer::BatchNorm { channels } => {

@@ -171,7 +171,7 @@ fn normaliser(b: &mut GraphBuilder, out: &str, slot: i64, n_data: i64, base: &st
     let detached = b.detach_positive(&estimate, &format!("{base}/estimate_detached"));
     let estimate = b.reshape(&detached, &[1], &format!("{base}/estimate_vector"));
     let zero = b.scalar(&format!("{base}/zero"), 0.0);
-    let unset = b.op("Less", &[&given, &zero], vec![], &format!("{base}/unset"));
+    let unset = b.binary("Less", &given, &zero, &format!("{base}/unset"));
     b.op("Where", &[&unset, &estimate, &given], vec![], base)
 }
 

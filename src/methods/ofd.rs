@@ -85,31 +85,16 @@ impl Method for Ofd {
                 }
             };
             let b = &mut *ctx.b;
-            let clipped = b.op(
-                "Max",
-                &[&t, &margin],
-                vec![],
-                &format!("{base}/teacher_clipped"),
-            );
-            let above = b.op(
-                "Greater",
-                &[&s, &clipped],
-                vec![],
-                &format!("{base}/student_above"),
-            );
+            let clipped = b.binary("Max", &t, &margin, &format!("{base}/teacher_clipped"));
+            let above = b.binary("Greater", &s, &clipped, &format!("{base}/student_above"));
             let zero = b.scalar(&format!("{base}/zero"), 0.0);
-            let positive = b.op(
+            let positive = b.binary(
                 "Greater",
-                &[&clipped, &zero],
-                vec![],
+                &clipped,
+                &zero,
                 &format!("{base}/teacher_positive"),
             );
-            let either = b.op(
-                "Or",
-                &[&above, &positive],
-                vec![],
-                &format!("{base}/counted"),
-            );
+            let either = b.binary("Or", &above, &positive, &format!("{base}/counted"));
             let mask = b.mask(&either, &format!("{base}/mask"));
             let diff = b.sub(&s, &clipped, &format!("{base}/diff"));
             let squared = b.square(&diff, &format!("{base}/squared"));
@@ -187,18 +172,13 @@ fn normal_cdf(x: f64) -> f64 {
 /// Per-channel mean of the negative teacher responses of the batch (0 where there are none).
 fn batch_margins(b: &mut GraphBuilder, t: &str, base: &str) -> String {
     let zero = b.scalar(&format!("{base}/margin_zero"), 0.0);
-    let negative = b.op("Min", &[t, &zero], vec![], &format!("{base}/negative_part"));
-    let is_negative = b.op("Less", &[t, &zero], vec![], &format!("{base}/is_negative"));
+    let negative = b.binary("Min", t, &zero, &format!("{base}/negative_part"));
+    let is_negative = b.binary("Less", t, &zero, &format!("{base}/is_negative"));
     let count_mask = b.mask(&is_negative, &format!("{base}/negative_mask"));
     let total = b.reduce_sum(&negative, &[0, 2, 3], &format!("{base}/negative_sum"));
     let count = b.reduce_sum(&count_mask, &[0, 2, 3], &format!("{base}/negative_count"));
     let one = b.scalar(&format!("{base}/margin_one"), 1.0);
-    let safe = b.op(
-        "Max",
-        &[&count, &one],
-        vec![],
-        &format!("{base}/negative_count_safe"),
-    );
+    let safe = b.binary("Max", &count, &one, &format!("{base}/negative_count_safe"));
     b.div(&total, &safe, &format!("{base}/margin"))
 }
 

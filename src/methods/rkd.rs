@@ -43,7 +43,7 @@ impl Method for Rkd {
         let squared_batch = b.square(&batch, "kd/rkd/batch_squared");
         let off = b.sub(&squared_batch, &batch, "kd/rkd/off_diagonal");
         let one = b.scalar("kd/rkd/one", 1.0);
-        let off_count = b.op("Max", &[&off, &one], vec![], "kd/rkd/off_diagonal_count");
+        let off_count = b.binary("Max", &off, &one, "kd/rkd/off_diagonal_count");
         // The identity mask comes from the teacher side, which carries no gradient.
         let teacher_gram = b.batch_gram(&e_t, "kd/rkd/teacher/identity_source");
         let identity = b.unary("EyeLike", &teacher_gram, "kd/rkd/identity");
@@ -77,18 +77,34 @@ fn differences(b: &mut GraphBuilder, e: &str, base: &str) -> String {
 /// off-diagonal entries (at least 1e-12, so a batch of one gives 0). METHODS.md writes the
 /// squared distance as `|e_i|^2 + |e_j|^2 - 2 e_i.e_j`; summing squared differences is the same
 /// number without float32's cancellation when embeddings lie close together.
-fn distances(b: &mut GraphBuilder, differences: &str, off_mask: &str, off_count: &str, base: &str) -> String {
+fn distances(
+    b: &mut GraphBuilder,
+    differences: &str,
+    off_mask: &str,
+    off_count: &str,
+    base: &str,
+) -> String {
     let squared = b.square(differences, &format!("{base}/differences_squared"));
     let summed = b.reduce_sum(&squared, &[2], &format!("{base}/distance_squared_column"));
     let axes = b.const_i64(&format!("{base}/squeeze_axes"), &[1], &[2]);
-    let d2 = b.op("Squeeze", &[&summed, &axes], vec![], &format!("{base}/distance_squared"));
+    let d2 = b.binary(
+        "Squeeze",
+        &summed,
+        &axes,
+        &format!("{base}/distance_squared"),
+    );
     let floor = b.scalar(&format!("{base}/floor"), DISTANCE_FLOOR);
-    let clamped = b.op("Max", &[&d2, &floor], vec![], &format!("{base}/clamped"));
+    let clamped = b.binary("Max", &d2, &floor, &format!("{base}/clamped"));
     let d = b.unary("Sqrt", &clamped, &format!("{base}/distance_raw"));
     let masked = b.mul(&d, off_mask, &format!("{base}/distance_off_diagonal"));
     let total = b.sum_all(&masked, &format!("{base}/distance_total"));
     let mean = b.div(&total, off_count, &format!("{base}/distance_mean"));
-    let mean = b.op("Max", &[&mean, &floor], vec![], &format!("{base}/distance_mean_floored"));
+    let mean = b.binary(
+        "Max",
+        &mean,
+        &floor,
+        &format!("{base}/distance_mean_floored"),
+    );
     b.div(&masked, &mean, &format!("{base}/distance"))
 }
 

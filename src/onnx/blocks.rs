@@ -47,7 +47,7 @@ impl GraphBuilder {
         let squared = self.square(x, &format!("{name}/squared"));
         let sum = self.reduce_sum(&squared, &[axis], &format!("{name}/sum"));
         let floor = self.scalar(&format!("{name}/floor"), NORM_FLOOR_SQUARED);
-        let floored = self.op("Max", &[&sum, &floor], vec![], &format!("{name}/floored"));
+        let floored = self.binary("Max", &sum, &floor, &format!("{name}/floored"));
         self.unary("Sqrt", &floored, name)
     }
 
@@ -84,7 +84,7 @@ impl GraphBuilder {
         let d = self.sub(a, b, &format!("{name}/diff"));
         let abs = self.unary("Abs", &d, &format!("{name}/abs"));
         let one = self.scalar(&format!("{name}/one"), 1.0);
-        let q = self.op("Min", &[&abs, &one], vec![], &format!("{name}/q"));
+        let q = self.binary("Min", &abs, &one, &format!("{name}/q"));
         let q2 = self.square(&q, &format!("{name}/q2"));
         let half = self.scalar(&format!("{name}/half"), 0.5);
         let quadratic = self.mul(&q2, &half, &format!("{name}/quadratic"));

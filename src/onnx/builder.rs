@@ -161,6 +161,11 @@ impl GraphBuilder {
 
     // Element-wise and matrix ops.
 
+    /// A two-input op without attributes (Max, Min, Greater, And, ...).
+    pub fn binary(&mut self, op_type: &str, a: &str, b: &str, name: &str) -> String {
+        self.op(op_type, &[a, b], vec![], name)
+    }
+
     pub fn add(&mut self, a: &str, b: &str, name: &str) -> String {
         self.op("Add", &[a, b], vec![], name)
     }

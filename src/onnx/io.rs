@@ -1,5 +1,6 @@
 //! Reading models (external data resolved into memory) and writing files atomically (temp file, fsync, rename).
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
@@ -51,12 +52,18 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     }
     let bytes = fs::read(path)
         .map_err(|e| Error::input(format!("cannot read `{shown}`: {}", io_reason(&e))))?;
+    decode_model(&bytes, path)
+}
+
+/// Decodes a model read from `path` (external data is looked up beside it).
+pub fn decode_model(bytes: &[u8], path: &Path) -> Result<LoadedModel> {
+    let shown = path.display();
     if bytes.is_empty() {
         return Err(Error::input(format!(
             "`{shown}` is empty; export the model again (torch.onnx.export)"
         )));
     }
-    let mut proto = pb::ModelProto::decode(bytes.as_slice()).map_err(|e| {
+    let mut proto = pb::ModelProto::decode(bytes).map_err(|e| {
         Error::input(format!(
             "`{shown}` is not a readable ONNX model (protobuf decoding failed: {e}); \
              the file may be truncated or of another format: export it again"
@@ -69,13 +76,16 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
                 "`{shown}` has a graph with no nodes; is it really an exported network?"
             )))
         }
-        None => return Err(Error::input(format!(
+        None => {
+            return Err(Error::input(format!(
             "`{shown}` holds no graph (not an ONNX model, or an empty one); export the model again"
-        ))),
+        )))
+        }
     };
     let dir = path.parent().unwrap_or(Path::new("."));
+    let mut side_files = HashMap::new();
     for tensor in &mut graph.initializer {
-        resolve_external(tensor, dir, &shown.to_string())?;
+        resolve_external(tensor, dir, &shown.to_string(), &mut side_files)?;
     }
     Ok(LoadedModel {
         path: path.to_path_buf(),
@@ -97,7 +107,13 @@ fn is_external(tensor: &pb::TensorProto) -> bool {
 
 /// Replaces an external tensor's reference by its bytes, checking that the side file exists,
 /// stays inside the model's folder and is long enough.
-fn resolve_external(tensor: &mut pb::TensorProto, dir: &Path, model: &str) -> Result<()> {
+/// `side_files` keeps each side file's bytes, read once however many tensors it holds.
+fn resolve_external(
+    tensor: &mut pb::TensorProto,
+    dir: &Path,
+    model: &str,
+    side_files: &mut HashMap<PathBuf, Vec<u8>>,
+) -> Result<()> {
     if !is_external(tensor) {
         return Ok(());
     }
@@ -139,13 +155,17 @@ fn resolve_external(tensor: &mut pb::TensorProto, dir: &Path, model: &str) -> Re
     let offset = number("offset")?.unwrap_or(0);
     let length = number("length")?;
     let file = dir.join(relative);
-    let data = fs::read(&file).map_err(|e| {
-        Error::input(format!(
-            "`{model}`: external data file `{}` of tensor `{name}`: {}; copy it next to the model",
-            file.display(),
-            io_reason(&e)
-        ))
-    })?;
+    if !side_files.contains_key(&file) {
+        let bytes = fs::read(&file).map_err(|e| {
+            Error::input(format!(
+                "`{model}`: external data file `{}` of tensor `{name}`: {}; copy it next to the model",
+                file.display(),
+                io_reason(&e)
+            ))
+        })?;
+        side_files.insert(file.clone(), bytes);
+    }
+    let data = &side_files[&file];
     let expected = expected_bytes(tensor);
     let length = length
         .or(expected.map(|e| e as u64))
@@ -184,8 +204,11 @@ fn expected_bytes(tensor: &pb::TensorProto) -> Option<usize> {
         T::Int8 | T::Uint8 | T::Bool => 1,
         _ => return None,
     };
-    let count: i64 = tensor.dims.iter().product();
-    usize::try_from(count).ok().map(|c| c * size)
+    let count = tensor
+        .dims
+        .iter()
+        .try_fold(1i64, |acc, &d| acc.checked_mul(d))?;
+    usize::try_from(count).ok()?.checked_mul(size)
 }
 
 /// Refuses an output path that names one of the input models.

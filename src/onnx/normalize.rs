@@ -85,13 +85,23 @@ pub fn global_average_pool(
 pub fn fix_input_shape(graph: &mut pb::GraphProto, dims: &[i64], model: &str) -> Result<()> {
     use pb::tensor_shape_proto::{dimension::Value, Dimension};
     let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let Some(input) = graph.input.iter_mut().find(|i| !initializers.contains(i.name.as_str())) else {
-        return Err(Error::input(format!("`{model}` has no graph input to give --input-shape to")));
+    let Some(input) = graph
+        .input
+        .iter_mut()
+        .find(|i| !initializers.contains(i.name.as_str()))
+    else {
+        return Err(Error::input(format!(
+            "`{model}` has no graph input to give --input-shape to"
+        )));
     };
     let name = input.name.clone();
     let shape = match input.r#type.as_mut().and_then(|t| t.value.as_mut()) {
         Some(pb::type_proto::Value::TensorType(t)) => t.shape.get_or_insert_with(Default::default),
-        None => return Err(Error::input(format!("`{model}`: input `{name}` has no tensor type"))),
+        None => {
+            return Err(Error::input(format!(
+                "`{model}`: input `{name}` has no tensor type"
+            )))
+        }
     };
     if !shape.dim.is_empty() && shape.dim.len() != dims.len() + 1 {
         return Err(Error::usage(format!(
@@ -100,9 +110,42 @@ pub fn fix_input_shape(graph: &mut pb::GraphProto, dims: &[i64], model: &str) ->
             shape.dim.len().saturating_sub(1)
         )));
     }
-    let batch = shape.dim.first().cloned().unwrap_or(Dimension { value: Some(Value::DimParam("N".into())), ..Default::default() });
+    let batch = shape.dim.first().cloned().unwrap_or(Dimension {
+        value: Some(Value::DimParam("N".into())),
+        ..Default::default()
+    });
     shape.dim = std::iter::once(batch)
-        .chain(dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }))
+        .chain(dims.iter().map(|&d| Dimension {
+            value: Some(Value::DimValue(d)),
+            ..Default::default()
+        }))
         .collect();
+    Ok(())
+}
+
+/// Turns every Dropout into an Identity (a teacher runs in eval mode). A Dropout whose mask
+/// output is read cannot be rewritten and is an error.
+pub fn inference_dropout(graph: &mut pb::GraphProto, model: &str) -> Result<()> {
+    let read: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .collect();
+    for node in graph.node.iter_mut().filter(|n| n.op_type == "Dropout") {
+        if let Some(mask) = node
+            .output
+            .get(1)
+            .filter(|m| !m.is_empty() && read.contains(*m))
+        {
+            return Err(Error::input(format!(
+                "`{model}`: Dropout `{}` feeds its mask `{mask}` to other nodes; export the teacher in eval mode",
+                node.name
+            )));
+        }
+        node.op_type = "Identity".into();
+        node.input.truncate(1);
+        node.output.truncate(1);
+        node.attribute.clear();
+    }
     Ok(())
 }

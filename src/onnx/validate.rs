@@ -15,11 +15,9 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
         )));
     }
     use pb::tensor_proto::DataType;
-    if let Some(half) = graph
-        .initializer
-        .iter()
-        .find(|t| t.data_type == DataType::Float16 as i32 || t.data_type == DataType::Bfloat16 as i32)
-    {
+    if let Some(half) = graph.initializer.iter().find(|t| {
+        t.data_type == DataType::Float16 as i32 || t.data_type == DataType::Bfloat16 as i32
+    }) {
         return Err(Error::input(format!(
             "`{shown}` stores weight `{}` as {}; kdgraph builds float32 training graphs: export the model in float32 (model.float())",
             half.name,
