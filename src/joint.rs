@@ -196,6 +196,11 @@ pub fn assemble(
             terms.push((format!("loss/{method}"), term, weight));
         }
     }
+    if terms.is_empty() {
+        return Err(Error::usage(
+            "no chosen method has an init stage (AB, FSP, FT)",
+        ));
+    }
     let mut weighted = Vec::new();
     for (output, term, weight) in &terms {
         b.node("Identity", &[term], &[output], vec![], output);

@@ -6,6 +6,7 @@
 pub mod analysis;
 pub mod check;
 pub mod error;
+pub mod exercise;
 mod guard;
 pub mod joint;
 pub mod methods;

@@ -161,7 +161,12 @@ impl GraphBuilder {
 
     /// The sum of several scalars (chained Add: Sum has no gradient in ORT).
     pub fn sum_of(&mut self, terms: &[String], name: &str) -> String {
-        let mut total = terms[0].clone();
+        let Some(first) = terms.first() else {
+            // The empty sum.
+            let zero = self.scalar(&format!("{name}/zero"), 0.0);
+            return self.unary("Identity", &zero, name);
+        };
+        let mut total = first.clone();
         for (i, term) in terms.iter().enumerate().skip(1) {
             let step = if i + 1 == terms.len() {
                 name.to_string()
