@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use prost::Message;
 
 use super::pb::{self, tensor_proto::DataLocation};
+use super::proto;
 use crate::error::{Error, Result};
 
 /// A model as read from disk, with every external tensor loaded into `raw_data`.
@@ -166,7 +167,7 @@ fn resolve_external(
         side_files.insert(file.clone(), bytes);
     }
     let data = &side_files[&file];
-    let expected = expected_bytes(tensor);
+    let expected = proto::expected_bytes(tensor);
     let length = length
         .or(expected.map(|e| e as u64))
         .unwrap_or(data.len() as u64 - offset.min(data.len() as u64));
@@ -192,23 +193,6 @@ fn resolve_external(
     tensor.external_data.clear();
     tensor.data_location = None;
     Ok(())
-}
-
-/// Bytes a tensor of fixed-size elements needs, from its dims and data type.
-fn expected_bytes(tensor: &pb::TensorProto) -> Option<usize> {
-    use pb::tensor_proto::DataType as T;
-    let size = match T::try_from(tensor.data_type).ok()? {
-        T::Float | T::Int32 | T::Uint32 => 4,
-        T::Double | T::Int64 | T::Uint64 | T::Complex64 => 8,
-        T::Float16 | T::Bfloat16 | T::Int16 | T::Uint16 => 2,
-        T::Int8 | T::Uint8 | T::Bool => 1,
-        _ => return None,
-    };
-    let count = tensor
-        .dims
-        .iter()
-        .try_fold(1i64, |acc, &d| acc.checked_mul(d))?;
-    usize::try_from(count).ok()?.checked_mul(size)
 }
 
 /// Refuses an output path that names one of the input models.

@@ -79,3 +79,71 @@ pub fn onnx_opset(model: &pb::ModelProto) -> i64 {
         .map(|o| o.version)
         .unwrap_or(0)
 }
+
+/// Bytes a tensor of fixed-size elements needs, from its dims and data type.
+pub fn expected_bytes(tensor: &pb::TensorProto) -> Option<usize> {
+    use pb::tensor_proto::DataType as T;
+    let size = match T::try_from(tensor.data_type).ok()? {
+        T::Float | T::Int32 | T::Uint32 => 4,
+        T::Double | T::Int64 | T::Uint64 | T::Complex64 => 8,
+        T::Float16 | T::Bfloat16 | T::Int16 | T::Uint16 => 2,
+        T::Int8 | T::Uint8 | T::Bool => 1,
+        _ => return None,
+    };
+    let count = tensor
+        .dims
+        .iter()
+        .try_fold(1i64, |acc, &d| acc.checked_mul(d))?;
+    usize::try_from(count).ok()?.checked_mul(size)
+}
+
+/// The most elements a tensor of a model may declare (2^34, 64 GiB of float32).
+const MAX_ELEMENTS: i64 = 1 << 34;
+
+/// Checks that a tensor holds as many values as its dims say (a damaged or hostile file may
+/// declare dims far larger than its data, which would make later stages allocate without bound).
+pub fn check_tensor_size(tensor: &pb::TensorProto) -> std::result::Result<(), String> {
+    if tensor.dims.iter().any(|&d| d < 0) {
+        return Err(format!("has negative dims {:?}", tensor.dims));
+    }
+    // Even an empty tensor must not declare sizes that shape inference would allocate from.
+    let nonzero = tensor.dims.iter().filter(|&&d| d > 0).try_fold(1i64, |acc, &d| acc.checked_mul(d));
+    if nonzero.is_none_or(|n| n > MAX_ELEMENTS) {
+        return Err(format!("declares dims {:?}, beyond any real network's", tensor.dims));
+    }
+    let count = tensor
+        .dims
+        .iter()
+        .try_fold(1i64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| format!("has dims {:?} whose product overflows", tensor.dims))?;
+    if !tensor.raw_data.is_empty() {
+        return match expected_bytes(tensor) {
+            Some(bytes) if bytes != tensor.raw_data.len() => Err(format!(
+                "declares dims {:?} ({bytes} bytes) but holds {} bytes",
+                tensor.dims,
+                tensor.raw_data.len()
+            )),
+            _ => Ok(()),
+        };
+    }
+    if tensor.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
+        return Ok(());
+    }
+    let stored = tensor.float_data.len()
+        + tensor.int32_data.len()
+        + tensor.int64_data.len()
+        + tensor.double_data.len()
+        + tensor.uint64_data.len()
+        + tensor.string_data.len();
+    let complex = [
+        pb::tensor_proto::DataType::Complex64 as i32,
+        pb::tensor_proto::DataType::Complex128 as i32,
+    ];
+    if !complex.contains(&tensor.data_type) && stored as i64 != count {
+        return Err(format!(
+            "declares dims {:?} ({count} values) but holds {stored}",
+            tensor.dims
+        ));
+    }
+    Ok(())
+}

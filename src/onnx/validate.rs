@@ -24,6 +24,24 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
             proto::dtype_name(half.data_type)
         )));
     }
+    for tensor in &graph.initializer {
+        proto::check_tensor_size(tensor).map_err(|why| {
+            Error::input(format!(
+                "`{shown}`: initializer `{}` {why}; the file is damaged: export it again",
+                tensor.name
+            ))
+        })?;
+    }
+    for node in &graph.node {
+        for tensor in node.attribute.iter().filter_map(|a| a.t.as_ref()) {
+            proto::check_tensor_size(tensor).map_err(|why| {
+                Error::input(format!(
+                    "`{shown}`: the tensor attribute of node `{}` {why}; the file is damaged",
+                    node.name
+                ))
+            })?;
+        }
+    }
     let known = tract_onnx::onnx().op_register;
     let mut produced: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     produced.extend(graph.input.iter().map(|i| i.name.as_str()));
