@@ -107,9 +107,16 @@ pub fn check_tensor_size(tensor: &pb::TensorProto) -> std::result::Result<(), St
         return Err(format!("has negative dims {:?}", tensor.dims));
     }
     // Even an empty tensor must not declare sizes that shape inference would allocate from.
-    let nonzero = tensor.dims.iter().filter(|&&d| d > 0).try_fold(1i64, |acc, &d| acc.checked_mul(d));
+    let nonzero = tensor
+        .dims
+        .iter()
+        .filter(|&&d| d > 0)
+        .try_fold(1i64, |acc, &d| acc.checked_mul(d));
     if nonzero.is_none_or(|n| n > MAX_ELEMENTS) {
-        return Err(format!("declares dims {:?}, beyond any real network's", tensor.dims));
+        return Err(format!(
+            "declares dims {:?}, beyond any real network's",
+            tensor.dims
+        ));
     }
     let count = tensor
         .dims

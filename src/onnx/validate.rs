@@ -42,6 +42,7 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
             })?;
         }
     }
+    check_input_ranks(graph, shown)?;
     let known = tract_onnx::onnx().op_register;
     let mut produced: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     produced.extend(graph.input.iter().map(|i| i.name.as_str()));
@@ -106,4 +107,50 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
         )));
     }
     edit::topological_sort(graph).map_err(|e| Error::input(format!("`{shown}`: {e}")))
+}
+
+/// The least rank of input 0 of ops whose shape rules in tract index the channel axis unchecked.
+const MIN_INPUT_RANK: [(&str, usize); 8] = [
+    ("BatchNormalization", 2),
+    ("Conv", 3),
+    ("ConvTranspose", 3),
+    ("MaxPool", 3),
+    ("AveragePool", 3),
+    ("GlobalAveragePool", 3),
+    ("GlobalMaxPool", 3),
+    ("InstanceNormalization", 3),
+];
+
+/// An op that reads a constant or a graph input of too low a rank (a broken graph that would
+/// crash shape inference) is an error naming the node.
+fn check_input_ranks(graph: &pb::GraphProto, shown: &str) -> Result<()> {
+    let mut ranks: std::collections::HashMap<&str, usize> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t.dims.len()))
+        .collect();
+    for input in &graph.input {
+        if let Some(pb::type_proto::Value::TensorType(t)) =
+            input.r#type.as_ref().and_then(|t| t.value.as_ref())
+        {
+            if let Some(shape) = &t.shape {
+                ranks.insert(input.name.as_str(), shape.dim.len());
+            }
+        }
+    }
+    for node in &graph.node {
+        let Some(&(_, least)) = MIN_INPUT_RANK.iter().find(|(op, _)| *op == node.op_type) else {
+            continue;
+        };
+        let Some(x) = node.input.first() else {
+            continue;
+        };
+        if let Some(&rank) = ranks.get(x.as_str()).filter(|&&r| r < least) {
+            return Err(Error::input(format!(
+                "`{shown}`: node `{}` ({}) reads `{x}` of rank {rank}, but needs rank {least} or more; the graph is broken: export it again",
+                node.name, node.op_type
+            )));
+        }
+    }
+    Ok(())
 }
