@@ -107,9 +107,6 @@ impl Method for Ab {
             );
             terms.push(b.mul(&total, &weight, &format!("{base}/weighted")));
         }
-        let image = ctx.image.clone();
-        let sum = ctx.b.sum_of(&terms, &ctx.name("stage_sum"));
-        let batch = ctx.b.batch_size(&image, &ctx.name("batch"));
-        Ok(Some(ctx.b.div(&sum, &batch, &ctx.name("term"))))
+        Ok(Some(ctx.per_sample_sum(&terms)))
     }
 }

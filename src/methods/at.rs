@@ -36,14 +36,7 @@ impl Method for At {
             for side in [Side::Student, Side::Teacher] {
                 let f = ctx.tap(pair, side);
                 let base = ctx.name(&format!("{}/{side}_attention", pair.stage));
-                let squared = ctx.b.square(&f, &format!("{base}/squared"));
-                let channel_mean =
-                    ctx.b
-                        .reduce_mean(&squared, &[1], &format!("{base}/channel_mean"));
-                let flat = ctx
-                    .b
-                    .op("Flatten", &[&channel_mean], vec![], &format!("{base}/flat"));
-                maps.push(ctx.b.l2_normalize(&flat, 1, &base));
+                maps.push(ctx.b.attention_map(&f, &base));
             }
             terms.push(ctx.b.mse(
                 &maps[0],

@@ -55,6 +55,13 @@ impl LossContext<'_> {
         format!("kd/{}/{what}", self.method)
     }
 
+    /// `sum(terms) / B`, the method's term (AB's and OFD's stage sums are per sample).
+    pub fn per_sample_sum(&mut self, terms: &[String]) -> String {
+        let sum = self.b.sum_of(terms, &self.name("stage_sum"));
+        let batch = self.b.batch_size(&self.image, &self.name("batch"));
+        self.b.div(&sum, &batch, &self.name("term"))
+    }
+
     /// The joint graph's name of a pair's teacher tensor.
     pub fn teacher(&self, pair: &TapPair) -> String {
         format!("{TEACHER_PREFIX}{}", pair.teacher.tensor)

@@ -125,11 +125,7 @@ impl Method for Ft {
         for side in [Side::Student, Side::Teacher] {
             let f = ctx.tap(pair, side);
             let base = ctx.name(&format!("{}/{side}_factor", pair.stage));
-            let b = &mut *ctx.b;
-            let squared = b.square(&f, &format!("{base}/squared"));
-            let channel_mean = b.reduce_mean(&squared, &[1], &format!("{base}/channel_mean"));
-            let flat = b.op("Flatten", &[&channel_mean], vec![], &format!("{base}/flat"));
-            factors.push(b.l2_normalize(&flat, 1, &base));
+            factors.push(ctx.b.attention_map(&f, &base));
         }
         let b = &mut *ctx.b;
         let diff = b.sub(&factors[0], &factors[1], "kd/ft/diff");

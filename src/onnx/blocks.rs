@@ -51,6 +51,14 @@ impl GraphBuilder {
         self.unary("Sqrt", &floored, name)
     }
 
+    /// `N(flatten(mean over channels of x^2))`: the spatial attention map of AT, FT's factor.
+    pub fn attention_map(&mut self, x: &str, name: &str) -> String {
+        let squared = self.square(x, &format!("{name}/squared"));
+        let channel_mean = self.reduce_mean(&squared, &[1], &format!("{name}/channel_mean"));
+        let flat = self.unary("Flatten", &channel_mean, &format!("{name}/flat"));
+        self.l2_normalize(&flat, 1, name)
+    }
+
     /// Adaptive average pooling of an NCHW map from `from` to `to`: Reshape + ReduceMean when the
     /// sizes divide, else MatMul with a constant pooling matrix (AveragePool's gradient is broken
     /// on CPU with a symbolic batch).
