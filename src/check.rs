@@ -5,6 +5,9 @@ use tract_onnx::prelude::*;
 use crate::error::{Error, Result};
 use crate::onnx::pb;
 
+/// The largest input the check feeds (2^30 values, 4 GiB of float32).
+const MAX_INPUT_ELEMENTS: usize = 1 << 30;
+
 /// One scalar output of a run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Term {
@@ -52,6 +55,14 @@ fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
     let mut values = TVec::new();
     for (index, input) in feeds.iter().enumerate() {
         let (elem_type, dims) = input_type(input, batch)?;
+        let elements = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if elements.is_none_or(|n| n > MAX_INPUT_ELEMENTS) {
+            return Err(Error::input(format!(
+                "`{shown}`: input `{}` of shape {dims:?} is too large to check here; pass --no-check \
+                 (merge) or a smaller --batch / --check-batch",
+                input.name
+            )));
+        }
         let value = if elem_type == pb::tensor_proto::DataType::Int64 as i32 {
             let count: usize = dims.iter().product();
             let bound = if input.name == crate::joint::LABELS {
@@ -86,9 +97,10 @@ fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
             .map_err(|e| fail("set the inputs of", e))?;
         values.push(value.into_tvalue());
     }
+    // Not decluttered: tract's decluttering can merge a teacher and a student that compute the
+    // same tensors (one model merged with itself) into a node it then cannot evaluate.
     let runnable = inference
         .into_typed()
-        .and_then(|m| m.into_decluttered())
         .and_then(|m| m.into_runnable())
         .map_err(|e| fail("prepare", e))?;
     let outputs = runnable.run(values).map_err(|e| fail("run", e))?;

@@ -35,6 +35,8 @@ pub struct Role {
 #[derive(Debug, Clone, Serialize)]
 pub struct Sidecar {
     pub kdgraph_version: &'static str,
+    /// Also in the graph's metadata: a graph and a sidecar of two different merges do not match.
+    pub model_hash: String,
     /// Which stage this graph trains: "init" or "main".
     pub stage: &'static str,
     pub model: String,
@@ -135,9 +137,13 @@ pub fn assemble(
     let taken = names_of(&s_graph)
         .chain(names_of(&t_graph))
         .collect::<Vec<_>>();
-    if taken.iter().any(|n| n == LABELS) {
+    if let Some(clash) = taken
+        .iter()
+        .find(|n| *n == LABELS || *n == LOSS || n.starts_with("loss/"))
+    {
         return Err(Error::input(format!(
-            "student `{s_shown}` already has a tensor named `{LABELS}`; rename it before merging"
+            "student `{s_shown}` already has a tensor named `{clash}`, a name the joint graph gives its labels \
+             or losses; rename it before merging"
         )));
     }
     let mut b = GraphBuilder::new(opset, taken);
@@ -348,6 +354,7 @@ pub fn assemble(
     };
     let sidecar = Sidecar {
         kdgraph_version: env!("CARGO_PKG_VERSION"),
+        model_hash: String::new(),
         stage: stage.name(),
         model: files.model(stage),
         teacher: t_shown,
@@ -419,6 +426,35 @@ fn checked_ir_version(model: &pb::ModelProto, shown: &str) -> Result<i64> {
         )));
     }
     Ok(model.ir_version)
+}
+
+/// A graph written by `kdgraph merge` must have a scalar `loss` output first and, where its
+/// sidecar lies beside it, match the hash that sidecar recorded.
+pub fn check_sidecar(model: &crate::LoadedModel, bytes: &[u8]) -> Result<()> {
+    let shown = model.display();
+    if model.graph().output.first().map(|o| o.name.as_str()) != Some(LOSS) {
+        return Err(Error::input(format!(
+            "`{shown}` has no `loss` output first; check runs graphs written by `kdgraph merge`"
+        )));
+    }
+    let sidecar = crate::sidecar_path(&model.path);
+    let Ok(text) = std::fs::read_to_string(&sidecar) else {
+        return Ok(());
+    };
+    let recorded = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.get("model_hash")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        });
+    if recorded.is_some_and(|h| h != crate::onnx::io::content_hash(bytes)) {
+        return Err(Error::input(format!(
+            "`{shown}` and `{}` come from different merges (an interrupted merge?); run kdgraph merge again",
+            sidecar.display()
+        )));
+    }
+    Ok(())
 }
 
 fn checked_opset(model: &pb::ModelProto, shown: &str) -> Result<i64> {

@@ -97,33 +97,25 @@ pub fn write_joint(
     output: &Path,
     check_batch: Option<usize>,
 ) -> Result<Vec<StageCheck>> {
-    onnx::io::ensure_not_an_input(
-        output,
-        &[&merge.teacher.loaded.path, &merge.student.loaded.path],
-    )?;
+    let stages = stage_paths(merge, output)?;
     let file_name = |path: &Path| {
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
-    let has_init = merge
-        .plan
-        .methods
-        .iter()
-        .any(|&m| methods::registry(m).has_init_stage());
-    let init_path = output.with_extension("init.onnx");
     let files = joint::StageFiles {
         main: file_name(output),
-        init: has_init.then(|| file_name(&init_path)),
+        init: stages
+            .iter()
+            .find(|(s, _)| *s == methods::Stage::Init)
+            .map(|(_, p)| file_name(p)),
     };
-    let mut stages = vec![(methods::Stage::Main, output.to_path_buf())];
-    if has_init {
-        stages.insert(0, (methods::Stage::Init, init_path));
-    }
-    let mut write = onnx::io::AtomicWrite::new();
+    let mut models = Vec::new();
+    let mut sidecars = Vec::new();
     let mut checks = Vec::new();
     for (stage, path) in stages {
-        let joint = joint::assemble(&merge.teacher, &merge.student, &merge.plan, stage, &files)?;
+        let mut joint =
+            joint::assemble(&merge.teacher, &merge.student, &merge.plan, stage, &files)?;
         if let Some(batch) = check_batch {
             let terms = check::run_losses(&joint.model, batch, &path.display().to_string())?;
             checks.push(StageCheck {
@@ -132,15 +124,53 @@ pub fn write_joint(
                 terms,
             });
         }
-        for (file, bytes) in onnx::io::encode_model(joint.model, &path)? {
-            write.stage(&file, &bytes)?;
-        }
+        let encoded = onnx::io::encode_model(joint.model, &path)?;
+        // The sidecar records its graph's hash: a graph and a sidecar of two merges do not match.
+        joint.sidecar.model_hash = onnx::io::content_hash(&encoded[0].1);
+        models.extend(encoded);
         let sidecar =
             serde_json::to_string_pretty(&joint.sidecar).expect("a sidecar always serialises");
-        write.stage(&sidecar_path(&path), sidecar.as_bytes())?;
+        sidecars.push((sidecar_path(&path), sidecar.into_bytes()));
+    }
+    let inputs = [
+        merge.teacher.loaded.path.as_path(),
+        merge.student.loaded.path.as_path(),
+    ];
+    let mut write = onnx::io::AtomicWrite::new();
+    // Graphs first, sidecars last: an interruption between renames leaves a sidecar whose
+    // model_hash does not match its graph, which `check` and the training example refuse.
+    for (path, bytes) in models.iter().chain(&sidecars) {
+        onnx::io::ensure_not_an_input(path, &inputs)?;
+        write.stage(path, bytes)?;
     }
     write.commit()?;
     Ok(checks)
+}
+
+/// The graph file of each stage, init first; checked before any work so that a bad -o fails early.
+pub fn stage_paths(
+    merge: &Merge,
+    output: &Path,
+) -> Result<Vec<(methods::Stage, std::path::PathBuf)>> {
+    if output.extension().is_some_and(|e| e == "json") {
+        return Err(Error::usage(format!(
+            "-o `{}`: the sidecar is written beside the graph as .json; name the graph .onnx",
+            output.display()
+        )));
+    }
+    let mut stages = vec![(methods::Stage::Main, output.to_path_buf())];
+    if merge
+        .plan
+        .methods
+        .iter()
+        .any(|&m| methods::registry(m).has_init_stage())
+    {
+        stages.insert(
+            0,
+            (methods::Stage::Init, output.with_extension("init.onnx")),
+        );
+    }
+    Ok(stages)
 }
 
 /// `joint.onnx` -> `joint.json`, `joint.init.onnx` -> `joint.init.json`.
@@ -150,6 +180,9 @@ pub fn sidecar_path(output: &Path) -> std::path::PathBuf {
 
 /// Loads a joint graph and runs it with tract at batch size `batch`.
 pub fn check_joint(path: &Path, batch: usize) -> Result<Vec<check::Term>> {
-    let model = load_model(path)?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::input(format!("cannot read `{}`: {e}", path.display())))?;
+    let model = prepare(onnx::io::decode_model(&bytes, path)?, None)?.loaded;
+    joint::check_sidecar(&model, &bytes)?;
     check::run_losses(&model.proto, batch, &model.display())
 }

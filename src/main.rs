@@ -31,7 +31,7 @@ enum Command {
         json: bool,
         /// Sizes of the image input besides the batch (C,H,W), for models exported with symbolic sizes.
         #[arg(long, value_name = "C,H,W", value_parser = parse_dims)]
-        input_shape: Option<Vec<i64>>,
+        input_shape: Option<Dims>,
     },
     /// Pair the teacher's and the student's taps and write the joint training graph.
     Merge(MergeArgs),
@@ -88,7 +88,7 @@ struct MergeArgs {
     taps: Vec<(String, String)>,
     /// Sizes of the image input besides the batch (C,H,W), for models exported with symbolic sizes.
     #[arg(long, value_name = "C,H,W", value_parser = parse_dims)]
-    input_shape: Option<Vec<i64>>,
+    input_shape: Option<Dims>,
     /// Weight of the KD term (default: 0.9 with --method kd, else 0).
     #[arg(long, help_heading = "Loss weights")]
     alpha: Option<f64>,
@@ -115,13 +115,40 @@ fn parse_tap(s: &str) -> std::result::Result<(String, String), String> {
     }
 }
 
-fn parse_dims(s: &str) -> std::result::Result<Vec<i64>, String> {
+/// `--input-shape 3,224,224`: sizes of the image input besides the batch.
+#[derive(Clone, Debug)]
+struct Dims(Vec<i64>);
+
+fn parse_dims(s: &str) -> std::result::Result<Dims, String> {
     s.split([',', 'x'])
         .map(|d| match d.trim().parse::<i64>() {
-            Ok(n) if n > 0 => Ok(n),
+            Ok(n) if n > 0 && n <= 1 << 20 => Ok(n),
             _ => Err(format!("`{s}`: expected positive sizes such as 3,224,224")),
         })
-        .collect()
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Dims)
+}
+
+/// The folder of `-o` must exist before any model is read.
+fn check_output_folder(output: &std::path::Path) -> Result<()> {
+    let folder = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !folder.is_dir() {
+        return Err(Error::usage(format!(
+            "cannot write `{}`: the folder `{}` does not exist (or is not a folder); create it first",
+            output.display(),
+            folder.display()
+        )));
+    }
+    if output.is_dir() {
+        return Err(Error::usage(format!(
+            "-o `{}` is a folder; give the graph a file name",
+            output.display()
+        )));
+    }
+    Ok(())
 }
 
 fn parse_beta(s: &str) -> std::result::Result<(Option<MethodName>, f64), String> {
@@ -157,7 +184,7 @@ fn run(command: Command) -> Result<()> {
             json,
             input_shape,
         } => {
-            let analysis = kdgraph::inspect(&model, input_shape.as_deref())?;
+            let analysis = kdgraph::inspect(&model, input_shape.as_ref().map(|d| d.0.as_slice()))?;
             print!(
                 "{}",
                 if json {
@@ -202,7 +229,7 @@ fn merge(args: MergeArgs) -> Result<()> {
         crd_n_data: args.crd_n_data,
         crd_negatives: args.crd_negatives,
         teacher_batch_statistics: args.teacher_batch_statistics,
-        input_shape: args.input_shape,
+        input_shape: args.input_shape.map(|d| d.0),
     };
     if args.check_batch == 0 {
         return Err(Error::usage("--check-batch must be at least 1"));
@@ -213,6 +240,12 @@ fn merge(args: MergeArgs) -> Result<()> {
     }
     if !args.dry_run {
         kdgraph::onnx::io::ensure_not_an_input(&args.output, &inputs)?;
+        check_output_folder(&args.output)?;
+        if options.methods.contains(&MethodName::Crd) && options.crd_n_data.is_none() {
+            return Err(Error::usage(
+                "crd needs --crd-n-data N, the number of samples in the training set (the size of its memory banks)",
+            ));
+        }
     }
     let merge = kdgraph::plan_merge(&args.teacher, &args.student, &options)?;
     let dot = args

@@ -12,6 +12,9 @@ use crate::error::{Error, Result};
 use crate::methods::{registry, Connector, MethodName, Side, TapKind};
 use crate::suggest::nearest;
 
+/// The most training samples CRD's memory banks are built for (2^24: 2 x 8 GiB of float32).
+const MAX_CRD_SAMPLES: i64 = 1 << 24;
+
 /// What the user asked for, before any model is looked at.
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
@@ -262,6 +265,11 @@ fn hyper_parameters(methods: &[MethodName], options: &PlanOptions) -> Result<Hyp
     {
         Some(n_data) => {
             let negatives = options.crd_negatives;
+            if !(2..=MAX_CRD_SAMPLES).contains(&n_data) {
+                return Err(Error::usage(format!(
+                "--crd-n-data {n_data}: the memory banks hold one 128-float row per sample; give the training set's size (2 to {MAX_CRD_SAMPLES})"
+            )));
+            }
             if negatives < 1 || negatives >= n_data {
                 return Err(Error::usage(format!(
                 "--crd-negatives {negatives} must be at least 1 and smaller than --crd-n-data {n_data} (negatives are other samples)"

@@ -122,6 +122,21 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
             "`{shown}` has no graph input to feed"
         )));
     }
+    let image = &inputs[0];
+    if image.shape.len() < 2
+        || image
+            .shape
+            .iter()
+            .skip(1)
+            .any(|d| shapes::fixed(d).is_none())
+    {
+        return Err(Error::usage(format!(
+            "`{shown}`: input `{}` has shape {}, with sizes only known at run time; pass the size to \
+             distill at with --input-shape (e.g. --input-shape 3,224,224)",
+            image.name,
+            show_shape(&image.shape)
+        )));
+    }
     let logits = find_logits(graph, &shapes, shown)?;
     let found = taps::find_taps(&flow, &shapes, &logits, shown)?;
     let info = |t: &str| TensorInfo {

@@ -318,7 +318,7 @@ pub fn topological_sort(graph: &mut pb::GraphProto) -> Result<()> {
     if order.len() != count {
         let stuck = (0..count)
             .find(|&i| pending[i] > 0)
-            .map(|i| graph.node[i].name.clone())
+            .map(|i| super::proto::node_label(&graph.node[i]))
             .unwrap_or_default();
         return Err(Error::input(format!(
             "the graph has a cycle through node `{stuck}`; it is not a valid ONNX graph"

@@ -156,6 +156,12 @@ fn resolve_external(
     let offset = number("offset")?.unwrap_or(0);
     let length = number("length")?;
     let file = dir.join(relative);
+    if fs::symlink_metadata(&file).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(Error::input(format!(
+            "`{model}`: external data `{location}` of tensor `{name}` is a symbolic link (it may point outside the model's folder); \
+             keep the data file itself next to the model"
+        )));
+    }
     if !side_files.contains_key(&file) {
         let bytes = fs::read(&file).map_err(|e| {
             Error::input(format!(
@@ -193,6 +199,21 @@ fn resolve_external(
     tensor.external_data.clear();
     tensor.data_location = None;
     Ok(())
+}
+
+/// A fast 64-bit fingerprint of a file's bytes, `<hex>-<length>`: the xor over its 8-byte
+/// little-endian words (zero-padded) of `word * K1 ^ index * K2`. Not cryptographic: it tells a
+/// graph from the graph of another merge. examples/train_ort.py computes the same with numpy.
+pub fn content_hash(bytes: &[u8]) -> String {
+    const K1: u64 = 0x9E37_79B9_7F4A_7C15;
+    const K2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    let mut hash = 0u64;
+    for (index, chunk) in bytes.chunks(8).enumerate() {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        hash ^= u64::from_le_bytes(word).wrapping_mul(K1) ^ (index as u64).wrapping_mul(K2);
+    }
+    format!("{hash:016x}-{}", bytes.len())
 }
 
 /// Refuses an output path that names one of the input models.
@@ -236,6 +257,18 @@ impl AtomicWrite {
 
     /// Writes `bytes` to a temporary file beside `path` and syncs it.
     pub fn stage(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
+        if path.is_dir() {
+            return Err(Error::usage(format!(
+                "cannot write `{}`: it is a folder; give a file name",
+                path.display()
+            )));
+        }
+        if self.staged.iter().any(|(_, p)| p == path) {
+            return Err(Error::usage(format!(
+                "`{}` would be written twice by one merge",
+                path.display()
+            )));
+        }
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -270,21 +303,33 @@ impl AtomicWrite {
     }
 
     /// Moves every staged file into place.
+    /// Moves every staged file into place, in the order staged. If one rename fails, the
+    /// temporary files not yet moved are removed (by Drop).
     pub fn commit(mut self) -> Result<()> {
-        for (temp, path) in std::mem::take(&mut self.staged) {
+        let dir = self
+            .staged
+            .first()
+            .and_then(|(_, p)| p.parent())
+            .map(Path::to_path_buf);
+        while let Some((temp, path)) = self.staged.first().cloned() {
             fs::rename(&temp, &path).map_err(|e| {
-                let _ = fs::remove_file(&temp);
                 Error::input(format!(
                     "cannot write `{}`: {}",
                     path.display(),
                     io_reason(&e)
                 ))
             })?;
+            self.staged.remove(0);
         }
-        if let Some(dir) = self.staged.first().and_then(|(_, p)| p.parent()) {
-            if let Ok(d) = fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
+        if let Some(d) = dir.and_then(|d| {
+            fs::File::open(if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                &d
+            })
+            .ok()
+        }) {
+            let _ = d.sync_all();
         }
         Ok(())
     }

@@ -4,6 +4,19 @@ use std::collections::HashMap;
 
 use super::pb;
 
+/// How messages name a node: its name, else the op and its first output.
+pub fn node_label(node: &pb::NodeProto) -> String {
+    if node.name.is_empty() {
+        format!(
+            "{}->{}",
+            node.op_type,
+            node.output.first().map(String::as_str).unwrap_or("?")
+        )
+    } else {
+        node.name.clone()
+    }
+}
+
 /// An integer attribute of a node, if present.
 pub fn attr_int(node: &pb::NodeProto, name: &str) -> Option<i64> {
     node.attribute.iter().find(|a| a.name == name).map(|a| a.i)

@@ -37,7 +37,7 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
             proto::check_tensor_size(tensor).map_err(|why| {
                 Error::input(format!(
                     "`{shown}`: the tensor attribute of node `{}` {why}; the file is damaged",
-                    node.name
+                    proto::node_label(node)
                 ))
             })?;
         }
@@ -47,11 +47,7 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
     let mut produced: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     produced.extend(graph.input.iter().map(|i| i.name.as_str()));
     for node in &graph.node {
-        let node_name = if node.name.is_empty() {
-            node.output.first().cloned().unwrap_or_default()
-        } else {
-            node.name.clone()
-        };
+        let node_name = proto::node_label(node);
         if !node.domain.is_empty() && node.domain != "ai.onnx" {
             return Err(Error::input(format!(
                 "`{shown}`: node `{node_name}` uses op `{}` of the custom domain `{}`; kdgraph reads standard ONNX ops only: \
@@ -92,7 +88,7 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
         {
             return Err(Error::input(format!(
                 "`{shown}`: node `{}` reads `{missing}`, which no node, initializer or input produces; the graph is broken: export it again",
-                node.name
+                proto::node_label(node)
             )));
         }
     }
@@ -148,7 +144,7 @@ fn check_input_ranks(graph: &pb::GraphProto, shown: &str) -> Result<()> {
         if let Some(&rank) = ranks.get(x.as_str()).filter(|&&r| r < least) {
             return Err(Error::input(format!(
                 "`{shown}`: node `{}` ({}) reads `{x}` of rank {rank}, but needs rank {least} or more; the graph is broken: export it again",
-                node.name, node.op_type
+                proto::node_label(node), node.op_type
             )));
         }
     }
