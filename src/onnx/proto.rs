@@ -112,6 +112,8 @@ pub fn expected_bytes(tensor: &pb::TensorProto) -> Option<usize> {
 
 /// The most elements a tensor of a model may declare (2^34, 64 GiB of float32).
 const MAX_ELEMENTS: i64 = 1 << 34;
+/// An empty tensor's other dims may multiply to this much at most (2^16).
+const MAX_EMPTY_EXTENT: i64 = 1 << 16;
 
 /// Checks that a tensor holds as many values as its dims say (a damaged or hostile file may
 /// declare dims far larger than its data, which would make later stages allocate without bound).
@@ -125,7 +127,8 @@ pub fn check_tensor_size(tensor: &pb::TensorProto) -> std::result::Result<(), St
         .iter()
         .filter(|&&d| d > 0)
         .try_fold(1i64, |acc, &d| acc.checked_mul(d));
-    if nonzero.is_none_or(|n| n > MAX_ELEMENTS) {
+    let limit = if tensor.dims.contains(&0) { MAX_EMPTY_EXTENT } else { MAX_ELEMENTS };
+    if nonzero.is_none_or(|n| n > limit) {
         return Err(format!(
             "declares dims {:?}, beyond any real network's",
             tensor.dims
