@@ -1,22 +1,32 @@
-"""Train a graph written by `kdgraph merge` with ONNX Runtime Training, stage by stage.
+"""Train a graph written by `kdgraph merge` with ONNX Runtime Training, stage by stage."""
 
-    python examples/train_ort.py joint.json [--steps 200] [--batch 64] [--device cuda] [--data data.npz]
-
-Reads the sidecar, trains the init stage first where there is one (AB, FSP, FT) and carries its
-trained parameters into the main stage by name, feeds CRD its indices, contrast indices (negatives
-drawn from other classes, as RepDistiller does) and memory banks, shows every loss term as it
-goes, and exports the trained student with `export_model_for_inferencing` to `<joint>.student.onnx`.
-Data: an .npz file with `x` (N, C, H, W) float32 images and `y` (N,) int64 labels, or, without
---data, a seeded synthetic set of the graph's input shape (a smoke run, not a real training).
-"""
+# Command line:
+#     python examples/train_ort.py joint.json [--steps 200] [--batch 64] [--device cuda] [--data data.npz]
+# Reads the sidecar, trains the init stage first where there is one (AB, FSP, FT) and carries its
+# trained parameters into the main stage by name, feeds CRD its indices, contrast indices (negatives
+# drawn from other classes, as RepDistiller does) and memory banks, shows every loss term as it goes,
+# and exports the trained student with `export_model_for_inferencing` to `<joint>.student.onnx`.
+# Data: an .npz file with `x` (N, C, H, W) float32 images and `y` (N,) int64 labels, or, without
+# --data, a seeded synthetic set of the graph's input shape (a smoke run, not a real training).
+#
+# As a library (the Python tests use it):
+#     sidecar = read_sidecar("out/joint.onnx")          # or "out/joint.json"
+#     stage = Stage(sidecar, "out/artifacts")          # generate_artifacts + Module + AdamW
+#     out = stage.step({"input": x, "labels": y})      # {output name: value}, after one update
+#     out = stage.forward_backward(values)             # gradients only: stage.gradient(name)
+#     logits = stage.evaluate(values)["logits"]        # eval mode (BN running statistics)
+#     stage.export("out/student.onnx")                 # the trained student alone
+#
+# Versions: onnx >= 1.17 stamps its own IR version on the generated optimizer model, which
+# ORT Training 1.19 refuses; generate() sets it back to 10.
 
 import argparse
 import functools
 import json
-import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,64 +35,163 @@ from onnx import numpy_helper
 from onnxruntime.training import artifacts
 from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
-STATE_SUFFIX = "_next"
+ORT_TRAINING_MAX_IR = 10
+STATE_SUFFIX = "_next"  # a state input `x` is updated by the output `x_next`
+DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32}
 print_now = functools.partial(print, flush=True)
 
 
-class Stage:
-    """One stage graph: its sidecar, artifacts, and the ORT Training module over them."""
+# --------------------------------------------------------------------------- sidecar
 
-    def __init__(self, sidecar_path, workdir, device="cpu", lr=1e-3, carried=None):
-        self.path = Path(sidecar_path)
-        self.sidecar = json.loads(self.path.read_text())
-        model = onnx.load(str(self.path.parent / self.sidecar["model"]))
-        if carried:
-            carry_parameters(model, carried)
-        self.fetches = [o["name"] for o in self.sidecar["outputs"] if o["role"] in ("loss", "term", "state")]
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        artifacts.generate_artifacts(
-            model,
-            requires_grad=self.sidecar["requires_grad"],
-            frozen_params=self.sidecar["frozen_params"],
-            loss=None,
-            optimizer=artifacts.OptimType.AdamW,
-            artifact_directory=str(workdir),
-            loss_input_names=self.fetches,
-        )
-        # onnx >= 1.17 stamps its own IR version on the optimizer graph; ORT Training 1.19 reads <= 10.
-        optimizer_path = workdir / "optimizer_model.onnx"
-        optimizer_model = onnx.load(str(optimizer_path))
-        optimizer_model.ir_version = min(optimizer_model.ir_version, 10)
-        onnx.save(optimizer_model, str(optimizer_path))
-        self.state = CheckpointState.load_checkpoint(str(workdir / "checkpoint"))
-        self.module = Module(str(workdir / "training_model.onnx"), self.state, str(workdir / "eval_model.onnx"), device=device)
-        self.optimizer = Optimizer(str(optimizer_path), self.module)
-        self.optimizer.set_learning_rate(lr)
-        self.roles = {i["name"]: i for i in self.sidecar["inputs"]}
 
-    def feeds(self, values):
-        """Inputs in the module's order, from a dict by name."""
-        return [values[name] for name in self.module.input_names()]
+def read_sidecar(path):
+    """The sidecar of a joint graph (the .onnx or its .json), with `model_path` added."""
+    path = Path(path)
+    json_path = path if path.suffix == ".json" else path.with_suffix(".json")
+    sidecar = json.loads(json_path.read_text())
+    sidecar["model_path"] = str(json_path.parent / sidecar["model"])
+    return sidecar
 
-    def step(self, values):
-        """One training step; returns the fetched outputs by name."""
-        self.module.train()
-        out = self.module(*self.feeds(values))
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
-        return dict(zip(self.fetches, out))
 
-    def parameters(self):
-        """Every parameter of the checkpoint by name, as numpy arrays."""
-        return {name: np.array(p.data) for name, p in self.state.parameters}
+def outputs_with_role(sidecar, *roles):
+    """Names of the graph outputs whose role is one of `roles`, in graph order."""
+    return [o["name"] for o in sidecar["outputs"] if o["role"] in roles]
+
+
+def loss_outputs(sidecar):
+    """The total loss and every term."""
+    return outputs_with_role(sidecar, "loss", "term")
+
+
+def student_outputs(sidecar):
+    """The student's own outputs (the logits)."""
+    return outputs_with_role(sidecar, "student")
+
+
+def input_with_role(sidecar, role):
+    """The name of the first graph input with this role."""
+    return next(i["name"] for i in sidecar["inputs"] if i["role"] == role)
+
+
+# --------------------------------------------------------------------------- artifacts
 
 
 def carry_parameters(model, values):
     """Replaces the model's initializers that share a name with `values` (init stage -> main)."""
-    for i, tensor in enumerate(model.graph.initializer):
+    for tensor in model.graph.initializer:
         if tensor.name in values:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values[tensor.name].astype(np.float32), tensor.name))
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            tensor.CopyFrom(numpy_helper.from_array(np.asarray(values[tensor.name], dtype), tensor.name))
+
+
+def generate(sidecar, workdir, model=None):
+    """generate_artifacts from the sidecar's parameter lists; the models return every graph output.
+
+    The loss is the graph's output 0 (loss=None); the training and eval models also return the
+    terms, the student's outputs and the state outputs. `model` replaces the sidecar's graph.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    artifacts.generate_artifacts(
+        model if model is not None else onnx.load(sidecar["model_path"]),
+        requires_grad=list(sidecar["requires_grad"]),
+        frozen_params=list(sidecar["frozen_params"]),
+        loss=None,
+        optimizer=artifacts.OptimType.AdamW,
+        artifact_directory=str(workdir),
+        loss_input_names=[o["name"] for o in sidecar["outputs"]],
+    )
+    optimizer_path = workdir / "optimizer_model.onnx"
+    optimizer_model = onnx.load(str(optimizer_path))
+    if optimizer_model.ir_version > ORT_TRAINING_MAX_IR:
+        optimizer_model.ir_version = ORT_TRAINING_MAX_IR
+        onnx.save(optimizer_model, str(optimizer_path))
+    return workdir
+
+
+# --------------------------------------------------------------------------- one stage
+
+
+class Stage:
+    """One stage graph: its sidecar, its artifacts, and the ORT Training module and AdamW over them."""
+
+    def __init__(self, sidecar, workdir, device="cpu", lr=1e-3, carried=None, generated=False):
+        """sidecar: a path (.onnx or .json) or read_sidecar's dict; carried: {name: array} written
+        over the graph's initializers first; generated: reuse the artifacts already in workdir."""
+        self.sidecar = sidecar if isinstance(sidecar, dict) else read_sidecar(sidecar)
+        self.workdir = Path(workdir)
+        if not generated:
+            model = None
+            if carried:
+                model = onnx.load(self.sidecar["model_path"])
+                carry_parameters(model, carried)
+            generate(self.sidecar, self.workdir, model)
+        self.state = CheckpointState.load_checkpoint(str(self.workdir / "checkpoint"))
+        self.module = Module(str(self.workdir / "training_model.onnx"), self.state,
+                             str(self.workdir / "eval_model.onnx"), device=device)
+        self.optimizer = Optimizer(str(self.workdir / "optimizer_model.onnx"), self.module)
+        self.optimizer.set_learning_rate(lr)
+        self.roles = {i["name"]: i for i in self.sidecar["inputs"]}
+
+    def feeds(self, values):
+        """The module's inputs in its order, from a dict by name, cast to the sidecar's dtypes."""
+        missing = [n for n in self.module.input_names() if n not in values]
+        if missing:
+            raise KeyError(f"no value for the graph inputs {missing} (have {sorted(values)})")
+        dtypes = {n: DTYPES[spec["dtype"]] for n, spec in self.roles.items()}
+        return [np.ascontiguousarray(values[n], dtypes.get(n)) for n in self.module.input_names()]
+
+    def _run(self, values):
+        outputs = self.module(*self.feeds(values))
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        return dict(zip(self.module.output_names(), outputs))
+
+    def forward_backward(self, values):
+        """A training-mode forward and backward pass without update; the outputs by name."""
+        self.module.train()
+        self.module.lazy_reset_grad()
+        return self._run(values)
+
+    def step(self, values):
+        """One training step (forward, backward, AdamW); the outputs of its forward pass by name."""
+        outputs = self.forward_backward(values)
+        self.optimizer.step()
+        return outputs
+
+    def evaluate(self, values):
+        """An eval-mode forward pass (BN running statistics); the outputs by name."""
+        self.module.eval()
+        try:
+            return self._run(values)
+        finally:
+            self.module.train()
+
+    def parameters(self, trainable_only=False):
+        """The checkpoint's parameters by name, as numpy arrays."""
+        return {name: np.array(p.data) for name, p in self.state.parameters if p.requires_grad or not trainable_only}
+
+    def parameter(self, name):
+        """One parameter's current value."""
+        return np.array(self.state.parameters[name].data)
+
+    def gradient(self, name):
+        """The gradient of `name` from the last backward pass (None when it holds none)."""
+        grad = self.state.parameters[name].grad
+        return None if grad is None else np.array(grad)
+
+    def save_checkpoint(self, path):
+        """Saves the parameters and returns the checkpoint read back."""
+        CheckpointState.save_checkpoint(self.state, str(path))
+        return CheckpointState.load_checkpoint(str(path))
+
+    def export(self, path, outputs=None):
+        """Writes the trained student alone (default outputs: the student's) to `path`."""
+        self.module.export_model_for_inferencing(str(path), list(outputs or student_outputs(self.sidecar)))
+        return Path(path)
+
+
+# --------------------------------------------------------------------------- data
 
 
 class Data:
@@ -95,11 +204,13 @@ class Data:
 
     @classmethod
     def synthetic(cls, shape, classes, count, seed=0):
+        """`count` standard-normal images of `shape` with uniform labels."""
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((count, *shape)).astype(np.float32)
         return cls(x, rng.integers(0, classes, count), seed)
 
     def batch(self, size):
+        """(dataset indices, images, labels) of a random batch."""
         index = self.rng.choice(len(self.y), size, replace=False)
         return index, self.x[index], self.y[index]
 
@@ -124,11 +235,33 @@ def crd_state(hyper, seed=0):
     }
 
 
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class Record:
+    """One training step: the dataset indices of its batch and the outputs of its forward pass."""
+
+    index: np.ndarray
+    outputs: dict
+
+
+@dataclass
+class Result:
+    """What `train` did: the exported student, each stage's steps and each stage's Stage."""
+
+    student: Path
+    histories: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+
+
 def train_stage(stage, data, steps, batch, log=print_now):
-    """Runs `steps` steps; returns the list of fetched outputs per step."""
+    """Runs `steps` steps, feeding state outputs back as the next inputs; a Record per step."""
     hyper = stage.sidecar["hyper"]
     state = crd_state(hyper["crd"]) if "kd/crd/index" in stage.roles else {}
-    image = next(i["name"] for i in stage.sidecar["inputs"] if i["role"] == "image")
+    if state and len(data.y) != hyper["crd"]["n_data"]:
+        raise ValueError(f"CRD's memories hold {hyper['crd']['n_data']} samples (--crd-n-data), the data has {len(data.y)}")
+    image = input_with_role(stage.sidecar, "image")
     history = []
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -140,7 +273,7 @@ def train_stage(stage, data, steps, batch, log=print_now):
         out = stage.step(values)
         for name in state:
             state[name] = out[name + STATE_SUFFIX]
-        history.append(out)
+        history.append(Record(index, out))
         terms = "  ".join(f"{k} {float(v):.4g}" for k, v in out.items() if np.ndim(v) == 0)
         rate = step / (time.perf_counter() - start)
         bar = "#" * (20 * step // steps)
@@ -150,28 +283,29 @@ def train_stage(stage, data, steps, batch, log=print_now):
 
 
 def train(sidecar_path, steps=100, init_steps=None, batch=32, device="cpu", lr=1e-3, data=None, workdir=None, log=print_now):
-    """Trains every stage of a merged graph; returns (trained student path, histories by stage)."""
+    """Trains every stage of a merged graph in order, carrying parameters by name; returns a Result."""
     sidecar_path = Path(sidecar_path)
-    main = json.loads(sidecar_path.read_text())
+    main = read_sidecar(sidecar_path)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="kdgraph-train-"))
     if data is None:
         image = next(i for i in main["inputs"] if i["role"] == "image")
         logits = next(o for o in main["outputs"] if o["role"] == "student")
         count = main["hyper"].get("crd", {}).get("n_data", max(4 * batch, 256))
         data = Data.synthetic(image["shape"][1:], logits["shape"][-1], count)
-    carried, histories, stage = None, {}, None
+    result, carried, stage = Result(sidecar_path.with_suffix(".student.onnx")), None, None
     for spec in main["stages"]:
-        stage = Stage(sidecar_path.parent / spec["sidecar"], workdir / spec["name"], device, lr, carried)
-        histories[spec["name"]] = train_stage(stage, data, init_steps or steps if spec["name"] == "init" else steps, batch, log)
+        stage = Stage(sidecar_path.parent / spec["sidecar"], workdir / spec["name"], device, lr,
+                      carried if spec.get("carry_from") else None)
+        stage_steps = (init_steps or steps) if spec["name"] == "init" else steps
+        result.histories[spec["name"]] = train_stage(stage, data, stage_steps, batch, log)
+        result.stages[spec["name"]] = stage
         carried = stage.parameters()
-    student = sidecar_path.with_suffix(".student.onnx")
-    outputs = [o["name"] for o in main["outputs"] if o["role"] == "student"]
-    stage.module.export_model_for_inferencing(str(student), outputs)
-    return student, histories
+    stage.export(result.student, student_outputs(main))
+    return result
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("sidecar", help="the .json written beside the joint graph by kdgraph merge")
     parser.add_argument("--steps", type=int, default=100, help="training steps of the main stage")
     parser.add_argument("--init-steps", type=int, help="training steps of the init stage (default: --steps)")
@@ -185,8 +319,8 @@ def main():
     if args.data:
         arrays = np.load(args.data)
         data = Data(arrays["x"], arrays["y"])
-    student, _ = train(args.sidecar, args.steps, args.init_steps, args.batch, args.device, args.lr, data, args.workdir)
-    print(f"trained student: {student}")
+    result = train(args.sidecar, args.steps, args.init_steps, args.batch, args.device, args.lr, data, args.workdir)
+    print(f"trained student: {result.student}")
 
 
 if __name__ == "__main__":

@@ -83,15 +83,17 @@ pub fn fold_batchnorm(
         });
         if let Some(c) = conv {
             let conv_node = &mut graph.node[c];
-            let weight = initializers
-                .get_mut(&conv_node.input[1])
-                .expect("checked above");
+            // Folded values get names of their own: a tensor keeps its name only with its values.
+            let weight = initializers.get(&conv_node.input[1]).expect("checked above");
             let mut values = proto::float_values(weight).unwrap_or_default();
             let per_channel = values.len() / scale.len().max(1);
             for (o, chunk) in values.chunks_mut(per_channel.max(1)).enumerate() {
                 chunk.iter_mut().for_each(|v| *v *= scale[o]);
             }
-            *weight = float_tensor(&weight.name, &weight.dims, &values);
+            let weight_name = format!("{y}.folded_weight");
+            let folded_weight = float_tensor(&weight_name, &weight.dims, &values);
+            initializers.insert(weight_name.clone(), folded_weight);
+            conv_node.input[1] = weight_name;
             let bias_values: Vec<f32> =
                 match conv_node.input.get(2).and_then(|b| initializers.get(b)) {
                     Some(b) => proto::float_values(b).unwrap_or_default(),

@@ -21,8 +21,11 @@ CACHE = HERE / ".cache"
 # so that the two share exports.
 FIXTURE_CACHE = CACHE / "fixtures"
 
-if str(HERE) not in sys.path:  # kd_reference, ort_train
-    sys.path.insert(0, str(HERE))
+# kd_reference and merge_checks from here; train_ort (the ORT Training helper that users run too)
+# from examples/.
+for _path in (HERE, ROOT / "examples"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 def _load_make_fixtures():
@@ -87,6 +90,13 @@ def make_fixtures():
 def model_path() -> Callable[[str, str], Path]:
     """model_path(name, mode) -> the ONNX export (committed or generated into the cache)."""
     return fixture_path
+
+
+@pytest.fixture(scope="session")
+def kdgraph_version(kdgraph_bin) -> str:
+    """The version that `kdgraph --version` prints (graphs carry it in metadata_props)."""
+    out = subprocess.run([str(kdgraph_bin), "--version"], capture_output=True, text=True, timeout=30).stdout
+    return out.split()[-1]
 
 
 class MergeError(AssertionError):
