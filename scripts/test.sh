@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/python-env.sh
-cargo build --locked
-cargo test --locked
+cargo build --locked --features fuzz-harness
+cargo test --locked --features fuzz-harness
 KDGRAPH_BIN="$PWD/target/debug/kdgraph" .venv/bin/python -m pytest -q tests/python "$@"

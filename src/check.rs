@@ -4,6 +4,7 @@ use tract_onnx::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::onnx::pb;
+use crate::plan::Role;
 
 /// The largest input the check feeds (2^30 values, 4 GiB of float32).
 const MAX_INPUT_ELEMENTS: usize = 1 << 30;
@@ -15,20 +16,25 @@ pub struct Term {
     pub value: f32,
 }
 
-/// Runs `model` with tract at batch size `batch`: images from a seeded generator, labels
-/// `i % classes`, other integer inputs (CRD's indices) `i % memory size`. Returns every scalar
-/// float output (the loss and its terms), in output order.
-pub fn run_losses(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
-    crate::guard::catch_panic(|| run(model, batch, shown)).unwrap_or_else(|panic| {
-        Err(Error::input(format!(
+/// Runs `model` with tract at batch size `batch`: float inputs from a seeded generator, integer
+/// inputs (labels, CRD's indices) `i % bound` with the bound their sidecar role records.
+/// Returns every scalar float output (the loss and its terms), in output order.
+pub fn run_losses(
+    model: &pb::ModelProto,
+    roles: &[Role],
+    batch: usize,
+    shown: &str,
+) -> Result<Vec<Term>> {
+    crate::guard::catch_panic(|| run(model, roles, batch, shown)).unwrap_or_else(|panic| {
+        Err(Error::unsupported(format!(
             "tract failed while running `{shown}`: {panic}"
         )))
     })
 }
 
-fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
+fn run(model: &pb::ModelProto, roles: &[Role], batch: usize, shown: &str) -> Result<Vec<Term>> {
     let fail = |stage: &str, e: TractError| {
-        Error::input(format!(
+        Error::unsupported(format!(
             "tract could not {stage} `{shown}`: {}",
             e.chain()
                 .map(|c| c.to_string())
@@ -39,7 +45,7 @@ fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
     let graph = model
         .graph
         .as_ref()
-        .ok_or_else(|| Error::input(format!("`{shown}` holds no graph")))?;
+        .ok_or_else(|| Error::invalid_model(format!("`{shown}` holds no graph")))?;
     let initializers: std::collections::HashSet<&str> =
         graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let feeds: Vec<&pb::ValueInfoProto> = graph
@@ -47,8 +53,6 @@ fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
         .iter()
         .filter(|i| !initializers.contains(i.name.as_str()))
         .collect();
-    let classes = class_count(graph);
-    let rows = memory_rows(&feeds).unwrap_or(classes);
     let mut inference = tract_onnx::onnx()
         .model_for_proto_model(model)
         .map_err(|e| fail("read", e))?;
@@ -57,7 +61,7 @@ fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
         let (elem_type, dims) = input_type(input, batch)?;
         let elements = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
         if elements.is_none_or(|n| n > MAX_INPUT_ELEMENTS) {
-            return Err(Error::input(format!(
+            return Err(Error::unsupported(format!(
                 "`{shown}`: input `{}` of shape {dims:?} is too large to check here; pass --no-check \
                  (merge) or a smaller --batch / --check-batch",
                 input.name
@@ -65,17 +69,23 @@ fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
         }
         let value = if elem_type == pb::tensor_proto::DataType::Int64 as i32 {
             let count: usize = dims.iter().product();
-            let bound = if input.name == crate::joint::LABELS {
-                classes
-            } else {
-                rows
-            };
+            let bound = roles
+                .iter()
+                .find(|r| r.name == input.name)
+                .and_then(|r| r.index_bound)
+                .filter(|&b| b > 0)
+                .ok_or_else(|| {
+                    Error::invalid_model(format!(
+                        "`{shown}`: integer input `{}` has no index bound in the sidecar; run kdgraph merge again",
+                        input.name
+                    ))
+                })?;
             tract_ndarray::ArrayD::from_shape_vec(
                 dims.clone(),
                 (0..count).map(|i| (i as i64) % bound).collect::<Vec<_>>(),
             )
             .map(|a| a.into_tensor())
-            .map_err(|e| Error::input(format!("input `{}`: {e}", input.name)))?
+            .map_err(|e| Error::invalid_model(format!("input `{}`: {e}", input.name)))?
         } else {
             let count: usize = dims.iter().product();
             let mut state = 0x2545_f491_4f6c_dd1du64 ^ (index as u64);
@@ -89,7 +99,7 @@ fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
                 .collect();
             tract_ndarray::ArrayD::from_shape_vec(dims.clone(), data)
                 .map(|a| a.into_tensor())
-                .map_err(|e| Error::input(format!("input `{}`: {e}", input.name)))?
+                .map_err(|e| Error::invalid_model(format!("input `{}`: {e}", input.name)))?
         };
         let fact = InferenceFact::dt_shape(value.datum_type(), value.shape());
         inference
@@ -119,55 +129,13 @@ fn run(model: &pb::ModelProto, batch: usize, shown: &str) -> Result<Vec<Term>> {
     Ok(terms)
 }
 
-/// The rows of the smallest fixed-size float matrix input (CRD's memory banks), if any.
-fn memory_rows(feeds: &[&pb::ValueInfoProto]) -> Option<i64> {
-    feeds
-        .iter()
-        .filter_map(|input| match input.r#type.as_ref()?.value.as_ref()? {
-            pb::type_proto::Value::TensorType(t)
-                if t.elem_type == pb::tensor_proto::DataType::Float as i32 =>
-            {
-                let dims = &t.shape.as_ref()?.dim;
-                match (dims.len(), dims.first()?.value.as_ref()?) {
-                    (2, pb::tensor_shape_proto::dimension::Value::DimValue(n)) if *n > 0 => {
-                        Some(*n)
-                    }
-                    _ => None,
-                }
-            }
-            _ => None,
-        })
-        .min()
-}
-
-/// The number of classes: the last dim of the first rank-2 float output that is not a loss.
-fn class_count(graph: &pb::GraphProto) -> i64 {
-    graph
-        .output
-        .iter()
-        .filter_map(|o| match o.r#type.as_ref()?.value.as_ref()? {
-            pb::type_proto::Value::TensorType(t) => {
-                let dims = &t.shape.as_ref()?.dim;
-                match dims.get(1)?.value.as_ref()? {
-                    pb::tensor_shape_proto::dimension::Value::DimValue(n) if dims.len() == 2 => {
-                        Some(*n)
-                    }
-                    _ => None,
-                }
-            }
-        })
-        .next()
-        .unwrap_or(10)
-        .max(1)
-}
-
 /// Element type and concrete dims of an input, with every symbolic dim set to `batch`.
 fn input_type(input: &pb::ValueInfoProto, batch: usize) -> Result<(i32, Vec<usize>)> {
     let pb::type_proto::Value::TensorType(t) = input
         .r#type
         .as_ref()
         .and_then(|t| t.value.as_ref())
-        .ok_or_else(|| Error::input(format!("input `{}` has no type", input.name)))?;
+        .ok_or_else(|| Error::invalid_model(format!("input `{}` has no type", input.name)))?;
     let dims = t
         .shape
         .as_ref()

@@ -1,45 +1,69 @@
-//! The one error type of kdgraph: a one-line message that names the file, node or tensor and says what to do.
+//! The one error type of kdgraph: a kind a caller can match, and a one-line message that names the
+//! file, node or tensor and says what to do.
 
 use std::fmt;
 
-/// What went wrong, split by who has to act: the caller's arguments (usage) or the models (input).
+/// Who has to act, and how: the kind decides the exit code; the message says what to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad command-line arguments or options (exit code 2).
+    Usage,
+    /// A file that cannot be read or written (exit code 1).
+    Io,
+    /// A model, tensor or graph that is broken or inconsistent (exit code 1).
+    InvalidModel,
+    /// A valid model that kdgraph or a runtime it writes for cannot handle (exit code 1).
+    Unsupported,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Error {
-    /// Bad command-line arguments or options; exit code 2.
-    Usage(String),
-    /// A model, file or tensor that cannot be used as given; exit code 1.
-    Input(String),
+pub struct Error {
+    pub kind: ErrorKind,
+    message: String,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn usage(message: impl Into<String>) -> Self {
-        Error::Usage(message.into())
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+        }
     }
 
-    pub fn input(message: impl Into<String>) -> Self {
-        Error::Input(message.into())
+    pub fn usage(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Usage, message)
+    }
+
+    pub fn io(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Io, message)
+    }
+
+    pub fn invalid_model(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::InvalidModel, message)
+    }
+
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Unsupported, message)
     }
 
     /// The process exit code a command line should end with.
     pub fn exit_code(&self) -> i32 {
-        match self {
-            Error::Usage(_) => 2,
-            Error::Input(_) => 1,
+        match self.kind {
+            ErrorKind::Usage => 2,
+            ErrorKind::Io | ErrorKind::InvalidModel | ErrorKind::Unsupported => 1,
         }
     }
 
     pub fn message(&self) -> &str {
-        match self {
-            Error::Usage(m) | Error::Input(m) => m,
-        }
+        &self.message
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.message())
+        f.write_str(&self.message)
     }
 }
 

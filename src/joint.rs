@@ -4,71 +4,40 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
-
 use crate::analysis::shapes::fixed;
-use crate::analysis::{Dim, Shape};
+use crate::analysis::Dim;
 use crate::error::{Error, Result};
-use crate::methods::{registry, LossContext, MethodName, Stage, TEACHER_PREFIX};
+use crate::methods::{self, LossContext, TEACHER_PREFIX};
 use crate::onnx::builder::{Attr, GraphBuilder};
+use crate::onnx::prepare::PreparedModel;
 use crate::onnx::{edit, normalize, pb, proto};
-use crate::plan::{Hyper, Plan, TapPair};
-use crate::PreparedModel;
-
-/// The opsets ONNX Runtime Training 1.19 accepts.
-pub const OPSETS: std::ops::RangeInclusive<i64> = 13..=21;
-/// The newest IR version ONNX Runtime Training 1.19 accepts.
-pub const MAX_IR_VERSION: i64 = 10;
-pub const LABELS: &str = "labels";
-pub const LOSS: &str = "loss";
-
-/// A name and what it is for, in the sidecar.
-#[derive(Debug, Clone, Serialize)]
-pub struct Role {
-    pub name: String,
-    pub role: &'static str,
-    pub dtype: String,
-    pub shape: Shape,
-}
-
-/// `<output>.json`: everything `generate_artifacts` needs, without opening the graph.
-#[derive(Debug, Clone, Serialize)]
-pub struct Sidecar {
-    pub kdgraph_version: &'static str,
-    /// Also in the graph's metadata: a graph and a sidecar of two different merges do not match.
-    pub model_hash: String,
-    /// Which stage this graph trains: "init" or "main".
-    pub stage: &'static str,
-    pub model: String,
-    pub teacher: String,
-    pub student: String,
-    pub methods: Vec<MethodName>,
-    pub hyper: Hyper,
-    pub pairs: Vec<TapPair>,
-    pub requires_grad: Vec<String>,
-    pub frozen_params: Vec<String>,
-    pub inputs: Vec<Role>,
-    pub outputs: Vec<Role>,
-    /// Training stages in order; each names a graph file and its sidecar.
-    pub stages: Vec<TrainingStage>,
-    pub notes: Vec<String>,
-    pub warnings: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TrainingStage {
-    pub name: &'static str,
-    pub model: String,
-    pub sidecar: String,
-    /// The reference's number of epochs for this stage, where it prescribes one.
-    pub epochs: Option<u32>,
-    /// Start from the parameters trained in this stage (matched by name).
-    pub carry_from: Option<&'static str>,
-}
+use crate::plan::{Plan, Role, TapPair, TrainingStage};
+use crate::sidecar::{Sidecar, StageFiles, LABELS, LOSS};
 
 pub struct Joint {
     pub model: pb::ModelProto,
     pub sidecar: Sidecar,
+}
+
+/// A loss term: its output name (`loss/<method>`), the tensor that holds it, and its weight.
+struct Term {
+    output: String,
+    tensor: String,
+    weight: f64,
+}
+
+/// What the loss terms add besides themselves: state read and written back (CRD's memories).
+#[derive(Default)]
+struct State {
+    inputs: Vec<Role>,
+    outputs: Vec<Role>,
+}
+
+/// Parameters by how they train: `requires_grad` (student weights, connectors) and frozen
+/// (BatchNorm running statistics, connectors fixed in this stage).
+struct Parameters {
+    trainable: Vec<String>,
+    frozen: Vec<String>,
 }
 
 /// Builds the graph of one training stage of `plan` from the two prepared models. `files` names
@@ -77,222 +46,24 @@ pub fn assemble(
     teacher: &PreparedModel,
     student: &PreparedModel,
     plan: &Plan,
-    stage: Stage,
+    stage: TrainingStage,
     files: &StageFiles,
 ) -> Result<Joint> {
     let (t_shown, s_shown) = (teacher.loaded.display(), student.loaded.display());
-    let t_opset = checked_opset(&teacher.loaded.proto, &t_shown)?;
-    let s_opset = checked_opset(&student.loaded.proto, &s_shown)?;
-    let opset = t_opset.max(s_opset);
-    let ir_version = checked_ir_version(&teacher.loaded.proto, &t_shown)?
-        .max(checked_ir_version(&student.loaded.proto, &s_shown)?)
-        .max(8);
-
-    let mut s_graph = student
-        .loaded
-        .proto
-        .graph
-        .clone()
-        .expect("loaded models have graphs");
-    let original_teacher = teacher
-        .loaded
-        .proto
-        .graph
-        .as_ref()
-        .expect("loaded models have graphs");
-    let mut t_graph = original_teacher.clone();
-    normalize::global_average_pool(&mut s_graph, |t| {
-        match plan.student.shapes.get(t).map(Vec::as_slice) {
-            Some([_, _, h, w]) => Some((fixed(h)?, fixed(w)?)),
-            _ => None,
-        }
-    });
-    if s_opset < 18 && opset >= 18 {
-        edit::upgrade_reduce_axes(&mut s_graph);
-    }
-    if t_opset < 18 && opset >= 18 {
-        edit::upgrade_reduce_axes(&mut t_graph);
-    }
-
-    // The teacher: only what the taps need, BN folded (eval mode) unless asked otherwise, names under `teacher/`.
-    let needed: HashSet<String> = plan
-        .pairs
-        .iter()
-        .map(|p| p.teacher.tensor.clone())
-        .collect();
-    edit::prune_to(&mut t_graph, &needed);
-    normalize::inference_dropout(&mut t_graph, &t_shown)?;
-    if !plan.hyper.teacher_batch_statistics {
-        edit::fold_batchnorm(&mut t_graph, &needed, &t_shown)?;
-    }
-    let input_map: HashMap<String, String> = plan
-        .teacher
-        .inputs
-        .iter()
-        .zip(&plan.student.inputs)
-        .map(|(t, s)| (t.name.clone(), s.name.clone()))
-        .collect();
-    edit::prefix_names(&mut t_graph, TEACHER_PREFIX, &input_map);
-
-    let taken = names_of(&s_graph)
-        .chain(names_of(&t_graph))
-        .collect::<Vec<_>>();
-    if let Some(clash) = taken
-        .iter()
-        .find(|n| *n == LABELS || *n == LOSS || n.starts_with("loss/"))
-    {
-        return Err(Error::input(format!(
-            "student `{s_shown}` already has a tensor named `{clash}`, a name the joint graph gives its labels \
-             or losses; rename it before merging"
-        )));
-    }
-    let mut b = GraphBuilder::new(opset, taken);
-    b.unique(LABELS);
-    let image = plan.student.inputs[0].name.clone();
+    let opset = plan.teacher.opset.max(plan.student.opset);
+    let ir_version = plan.teacher.ir_version.max(plan.student.ir_version).max(8);
+    let s_graph = prepare_student(student, plan, opset);
+    let t_graph = prepare_teacher(teacher, plan, opset)?;
+    let mut b = builder_for(&s_graph, &t_graph, opset, &s_shown)?;
     let batch = plan.student.inputs[0]
         .shape
         .first()
         .cloned()
         .unwrap_or(Dim::Symbol("N".into()));
-
-    // Loss terms. Main stage: CE, then each method's (KD first when present). Init stage: the
-    // init terms of the methods that have one.
-    let mut terms: Vec<(String, String, f64)> = Vec::new();
-    if stage == Stage::Main {
-        let ce = cross_entropy(&mut b, &plan.student.logits.tensor);
-        terms.push(("loss/ce".into(), ce, plan.hyper.gamma));
-    }
-    let mut state_inputs = Vec::new();
-    let mut state_outputs = Vec::new();
-    let mut notes = plan.notes.clone();
-    for &method in &plan.methods {
-        let spec = registry(method);
-        if stage == Stage::Init && !spec.has_init_stage() {
-            continue;
-        }
-        let pairs: Vec<&TapPair> = plan.pairs.iter().filter(|p| p.method == method).collect();
-        let frozen = if stage == Stage::Main {
-            spec.frozen_in_main()
-        } else {
-            &[]
-        };
-        let mut ctx = LossContext {
-            b: &mut b,
-            method,
-            hyper: &plan.hyper,
-            stage,
-            image: image.clone(),
-            batch_dim: batch.clone(),
-            teacher_graph: original_teacher,
-            frozen,
-            state_inputs: Vec::new(),
-            state_outputs: Vec::new(),
-            notes: Vec::new(),
-        };
-        let term = spec.build(&mut ctx, &pairs)?;
-        state_inputs.append(&mut ctx.state_inputs);
-        state_outputs.append(&mut ctx.state_outputs);
-        notes.append(&mut ctx.notes);
-        let weight = match (stage, method) {
-            (Stage::Init, _) => 1.0,
-            (Stage::Main, MethodName::Kd) => plan.hyper.alpha,
-            (Stage::Main, _) => plan.hyper.beta[&method],
-        };
-        if let Some(term) = term {
-            terms.push((format!("loss/{method}"), term, weight));
-        }
-    }
-    if terms.is_empty() {
-        return Err(Error::usage(
-            "no chosen method has an init stage (AB, FSP, FT)",
-        ));
-    }
-    let mut weighted = Vec::new();
-    for (output, term, weight) in &terms {
-        b.node("Identity", &[term], &[output], vec![], output);
-        b.doc_last("an unweighted loss term, comparable with a reference implementation");
-        let w = b.scalar(&format!("kd/{output}/weight"), *weight as f32);
-        weighted.push(b.mul(term, &w, &format!("kd/{output}/weighted")));
-    }
-    let total = b.sum_of(&weighted, "kd/loss/total");
-    b.node("Identity", &[&total], &[LOSS], vec![], LOSS);
-    b.doc_last(match stage {
-        Stage::Main => "the weighted total: gamma * CE + alpha * KD + sum of beta * method terms",
-        Stage::Init => "the init stage's loss: the sum of the init terms",
-    });
-
-    // Inputs and outputs in the documented order.
-    let scalar = |name: &str, role: &'static str| Role {
-        name: name.into(),
-        role,
-        dtype: "float32".into(),
-        shape: vec![],
-    };
-    let mut outputs: Vec<Role> = vec![scalar(LOSS, "loss")];
-    outputs.extend(terms.iter().map(|(name, _, _)| scalar(name, "term")));
-    if stage == Stage::Main {
-        outputs.extend(s_graph.output.iter().map(|o| {
-            Role {
-                name: o.name.clone(),
-                role: "student",
-                dtype: proto::value_elem_type(o)
-                    .map(proto::dtype_name)
-                    .unwrap_or("float32")
-                    .into(),
-                shape: plan
-                    .student
-                    .shapes
-                    .get(&o.name)
-                    .cloned()
-                    .unwrap_or_default(),
-            }
-        }));
-    }
-    outputs.extend(state_outputs);
-    let mut inputs: Vec<Role> = plan
-        .student
-        .inputs
-        .iter()
-        .map(|i| Role {
-            name: i.name.clone(),
-            role: "image",
-            dtype: i.dtype.clone(),
-            shape: i.shape.clone(),
-        })
-        .collect();
-    if stage == Stage::Main {
-        inputs.push(Role {
-            name: LABELS.into(),
-            role: "labels",
-            dtype: "int64".into(),
-            shape: vec![batch],
-        });
-    }
-    inputs.extend(state_inputs);
-
-    // Parameters: student weights and connector parameters train; BN running statistics freeze.
-    let student_statistics: HashSet<String> = s_graph
-        .node
-        .iter()
-        .filter(|n| n.op_type == "BatchNormalization")
-        .flat_map(|n| n.input.iter().skip(3).take(2).cloned())
-        .chain(student.running_statistics.iter().cloned())
-        .collect();
-    let mut candidates = trainable_student_parameters(&s_graph, &student_statistics);
-    candidates.extend(
-        b.parameters
-            .iter()
-            .filter(|p| !p.frozen)
-            .map(|p| p.name.clone()),
-    );
-    let mut statistics: Vec<String> = student_statistics.into_iter().collect();
-    statistics.sort();
-    statistics.extend(
-        b.parameters
-            .iter()
-            .filter(|p| p.frozen)
-            .map(|p| p.name.clone()),
-    );
+    let (terms, state) = loss_terms(&mut b, plan, stage, &batch)?;
+    add_total(&mut b, &terms, stage);
+    let (inputs, outputs) = roles(plan, stage, &s_graph, &terms, state, batch);
+    let parameters = parameters(&s_graph, student, &b);
 
     let mut graph = pb::GraphProto {
         name: format!("kdgraph_{}", stage.name()),
@@ -314,44 +85,9 @@ pub fn assemble(
     let wanted: HashSet<String> = outputs.iter().map(|o| o.name.clone()).collect();
     edit::prune_to(&mut graph, &wanted);
     edit::topological_sort(&mut graph)?;
-    let reaching_loss = edit::ancestors(&graph, LOSS);
-    let initializer_names: HashSet<&str> =
-        graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let requires_grad: Vec<String> = candidates
-        .into_iter()
-        .filter(|p| reaching_loss.contains(p.as_str()))
-        .collect();
-    let frozen_params: Vec<String> = statistics
-        .into_iter()
-        .filter(|p| initializer_names.contains(p.as_str()))
-        .collect();
+    let (requires_grad, frozen_params) = parameters.in_graph(&graph);
 
-    let methods: Vec<String> = plan.methods.iter().map(|m| m.to_string()).collect();
-    let model = pb::ModelProto {
-        ir_version,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: opset,
-        }],
-        producer_name: "kdgraph".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        graph: Some(graph),
-        metadata_props: vec![
-            pb::StringStringEntryProto {
-                key: "kdgraph.version".into(),
-                value: env!("CARGO_PKG_VERSION").into(),
-            },
-            pb::StringStringEntryProto {
-                key: "kdgraph.methods".into(),
-                value: methods.join(","),
-            },
-            pb::StringStringEntryProto {
-                key: "kdgraph.stage".into(),
-                value: stage.name().into(),
-            },
-        ],
-        ..Default::default()
-    };
+    let model = model_proto(graph, plan, stage, opset, ir_version);
     let sidecar = Sidecar {
         kdgraph_version: env!("CARGO_PKG_VERSION"),
         model_hash: String::new(),
@@ -367,107 +103,291 @@ pub fn assemble(
         inputs,
         outputs,
         stages: files.stages(),
-        notes,
+        notes: plan.notes.clone(),
         warnings: plan.warnings.clone(),
     };
     Ok(Joint { model, sidecar })
 }
 
-/// The file names of the stage graphs and their sidecars, relative to the sidecar's folder.
-#[derive(Debug, Clone)]
-pub struct StageFiles {
-    pub main: String,
-    /// The init-stage graph, when a method has an init stage.
-    pub init: Option<String>,
+/// The student as exported, with the rewrites ORT Training needs and the joint graph's opset.
+fn prepare_student(student: &PreparedModel, plan: &Plan, opset: i64) -> pb::GraphProto {
+    let mut graph = student.loaded.graph().clone();
+    normalize::global_average_pool(&mut graph, |t| {
+        match plan.student.shapes.get(t).map(Vec::as_slice) {
+            Some([_, _, h, w]) => Some((fixed(h)?, fixed(w)?)),
+            _ => None,
+        }
+    });
+    if plan.student.opset < 18 && opset >= 18 {
+        edit::upgrade_reduce_axes(&mut graph);
+    }
+    graph
 }
 
-impl StageFiles {
-    fn model(&self, stage: Stage) -> String {
-        match stage {
-            Stage::Main => self.main.clone(),
-            Stage::Init => self.init.clone().unwrap_or_default(),
-        }
+/// The teacher: only what the taps need, BN folded (eval mode) unless asked otherwise, names
+/// under `teacher/`, reading the student's inputs.
+fn prepare_teacher(teacher: &PreparedModel, plan: &Plan, opset: i64) -> Result<pb::GraphProto> {
+    let shown = teacher.loaded.display();
+    let mut graph = teacher.loaded.graph().clone();
+    if plan.teacher.opset < 18 && opset >= 18 {
+        edit::upgrade_reduce_axes(&mut graph);
     }
+    let needed: HashSet<String> = plan
+        .pairs
+        .iter()
+        .map(|p| p.teacher.tensor.clone())
+        .collect();
+    edit::prune_to(&mut graph, &needed);
+    normalize::inference_dropout(&mut graph, &shown)?;
+    if !plan.hyper.teacher_batch_statistics {
+        edit::fold_batchnorm(&mut graph, &needed, &shown)?;
+    }
+    let input_map: HashMap<String, String> = plan
+        .teacher
+        .inputs
+        .iter()
+        .zip(&plan.student.inputs)
+        .map(|(t, s)| (t.name.clone(), s.name.clone()))
+        .collect();
+    edit::prefix_names(&mut graph, TEACHER_PREFIX, &input_map);
+    Ok(graph)
+}
 
-    /// The stages to train, in order.
-    fn stages(&self) -> Vec<TrainingStage> {
-        let sidecar =
-            |model: &str| format!("{}.json", model.strip_suffix(".onnx").unwrap_or(model));
-        let mut stages = Vec::new();
-        if let Some(init) = &self.init {
-            stages.push(TrainingStage {
-                name: "init",
-                model: init.clone(),
-                sidecar: sidecar(init),
-                epochs: Some(INIT_EPOCHS),
-                carry_from: None,
+/// A builder that knows every name of both graphs; the names the joint graph gives its labels
+/// and losses must be free.
+fn builder_for(
+    s_graph: &pb::GraphProto,
+    t_graph: &pb::GraphProto,
+    opset: i64,
+    s_shown: &str,
+) -> Result<GraphBuilder> {
+    let taken = names_of(s_graph)
+        .chain(names_of(t_graph))
+        .collect::<Vec<_>>();
+    if let Some(clash) = taken
+        .iter()
+        .find(|n| *n == LABELS || *n == LOSS || n.starts_with("loss/"))
+    {
+        return Err(Error::invalid_model(format!(
+            "student `{s_shown}` already has a tensor named `{clash}`, a name the joint graph gives its labels \
+             or losses; rename it before merging"
+        )));
+    }
+    let mut b = GraphBuilder::new(opset, taken);
+    b.unique(LABELS);
+    Ok(b)
+}
+
+/// The loss terms of a stage. Main stage: CE, then each method's (KD first when present). Init
+/// stage: the init terms of the methods that have one.
+fn loss_terms(
+    b: &mut GraphBuilder,
+    plan: &Plan,
+    stage: TrainingStage,
+    batch: &Dim,
+) -> Result<(Vec<Term>, State)> {
+    let mut terms = Vec::new();
+    if stage == TrainingStage::Main {
+        let ce = cross_entropy(b, &plan.student.logits.tensor);
+        terms.push(Term {
+            output: "loss/ce".into(),
+            tensor: ce,
+            weight: plan.hyper.gamma,
+        });
+    }
+    let mut state = State::default();
+    for &method in &plan.methods {
+        let init_stage = method.spec().init_stage;
+        if stage == TrainingStage::Init && init_stage.is_none() {
+            continue;
+        }
+        let pairs: Vec<&TapPair> = plan.pairs.iter().filter(|p| p.method == method).collect();
+        let frozen = match (stage, init_stage) {
+            (TrainingStage::Main, Some(init)) => init.frozen_in_main,
+            _ => &[],
+        };
+        let mut ctx = LossContext {
+            b: &mut *b,
+            method,
+            hyper: &plan.hyper,
+            stage,
+            image: plan.student.inputs[0].name.clone(),
+            batch_dim: batch.clone(),
+            frozen,
+            state_inputs: Vec::new(),
+            state_outputs: Vec::new(),
+        };
+        let term = methods::builder(method)(&mut ctx, &pairs)?;
+        state.inputs.append(&mut ctx.state_inputs);
+        state.outputs.append(&mut ctx.state_outputs);
+        let weight = match stage {
+            TrainingStage::Init => 1.0,
+            TrainingStage::Main if method.is_kd() => plan.hyper.alpha,
+            TrainingStage::Main => plan.hyper.beta[&method],
+        };
+        if let Some(tensor) = term {
+            terms.push(Term {
+                output: format!("loss/{method}"),
+                tensor,
+                weight,
             });
         }
-        stages.push(TrainingStage {
-            name: "main",
-            model: self.main.clone(),
-            sidecar: sidecar(&self.main),
-            epochs: None,
-            carry_from: self.init.as_ref().map(|_| "init"),
-        });
-        stages
+    }
+    if terms.is_empty() {
+        let with_init: Vec<&str> = methods::REGISTRY
+            .iter()
+            .filter(|r| r.spec.init_stage.is_some())
+            .map(|r| r.spec.id)
+            .collect();
+        return Err(Error::usage(format!(
+            "no chosen method has an init stage ({})",
+            with_init.join(", ")
+        )));
+    }
+    Ok((terms, state))
+}
+
+/// Each term as an unweighted output, and `loss`, their weighted sum.
+fn add_total(b: &mut GraphBuilder, terms: &[Term], stage: TrainingStage) {
+    let mut weighted = Vec::new();
+    for term in terms {
+        let output = &term.output;
+        b.node("Identity", &[&term.tensor], &[output], vec![], output);
+        b.doc_last("an unweighted loss term, comparable with a reference implementation");
+        let w = b.scalar(&format!("kd/{output}/weight"), term.weight as f32);
+        weighted.push(b.mul(&term.tensor, &w, &format!("kd/{output}/weighted")));
+    }
+    let total = b.sum_of(&weighted, "kd/loss/total");
+    b.node("Identity", &[&total], &[LOSS], vec![], LOSS);
+    b.doc_last(match stage {
+        TrainingStage::Main => {
+            "the weighted total: gamma * CE + alpha * KD + sum of beta * method terms"
+        }
+        TrainingStage::Init => "the init stage's loss: the sum of the init terms",
+    });
+}
+
+/// Inputs and outputs in the documented order: inputs are the images, labels (main stage) and
+/// state; outputs are `loss`, its terms, the student's outputs (main stage) and state.
+fn roles(
+    plan: &Plan,
+    stage: TrainingStage,
+    s_graph: &pb::GraphProto,
+    terms: &[Term],
+    state: State,
+    batch: Dim,
+) -> (Vec<Role>, Vec<Role>) {
+    let scalar = |name: &str, role: &str| Role::new(name, role, "float32", vec![]);
+    let mut outputs: Vec<Role> = vec![scalar(LOSS, "loss")];
+    outputs.extend(terms.iter().map(|t| scalar(&t.output, "term")));
+    if stage == TrainingStage::Main {
+        outputs.extend(s_graph.output.iter().map(|o| {
+            Role::new(
+                &o.name,
+                "student",
+                proto::value_elem_type(o)
+                    .map(proto::dtype_name)
+                    .unwrap_or("float32"),
+                plan.student
+                    .shapes
+                    .get(&o.name)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        }));
+    }
+    outputs.extend(state.outputs);
+    let mut inputs: Vec<Role> = plan
+        .student
+        .inputs
+        .iter()
+        .map(|i| Role::new(&i.name, "image", &i.dtype, i.shape.clone()))
+        .collect();
+    if stage == TrainingStage::Main {
+        let classes = plan.student.class_count().unwrap_or(1);
+        inputs.push(Role::new(LABELS, "labels", "int64", vec![batch]).indexing(classes));
+    }
+    inputs.extend(state.inputs);
+    (inputs, outputs)
+}
+
+/// Student weights and connector parameters train; BN running statistics and frozen
+/// connectors do not.
+fn parameters(s_graph: &pb::GraphProto, student: &PreparedModel, b: &GraphBuilder) -> Parameters {
+    let student_statistics: HashSet<String> = s_graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "BatchNormalization")
+        .flat_map(|n| n.input.iter().skip(3).take(2).cloned())
+        .chain(student.running_statistics.iter().cloned())
+        .collect();
+    let mut trainable = trainable_student_parameters(s_graph, &student_statistics);
+    trainable.extend(
+        b.parameters
+            .iter()
+            .filter(|p| !p.frozen)
+            .map(|p| p.name.clone()),
+    );
+    let mut frozen: Vec<String> = student_statistics.into_iter().collect();
+    frozen.sort();
+    frozen.extend(
+        b.parameters
+            .iter()
+            .filter(|p| p.frozen)
+            .map(|p| p.name.clone()),
+    );
+    Parameters { trainable, frozen }
+}
+
+impl Parameters {
+    /// (`requires_grad`, `frozen_params`) of the finished graph: trainable parameters that
+    /// reach the loss, frozen ones that are still initializers.
+    fn in_graph(self, graph: &pb::GraphProto) -> (Vec<String>, Vec<String>) {
+        let reaching_loss = edit::ancestors(graph, LOSS);
+        let initializer_names: HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let requires_grad = self
+            .trainable
+            .into_iter()
+            .filter(|p| reaching_loss.contains(p.as_str()))
+            .collect();
+        let frozen = self
+            .frozen
+            .into_iter()
+            .filter(|p| initializer_names.contains(p.as_str()))
+            .collect();
+        (requires_grad, frozen)
     }
 }
 
-/// The reference's number of init-stage epochs (AB, FSP, FT).
-pub const INIT_EPOCHS: u32 = 30;
-
-fn checked_ir_version(model: &pb::ModelProto, shown: &str) -> Result<i64> {
-    if model.ir_version > MAX_IR_VERSION {
-        return Err(Error::input(format!(
-            "`{shown}` has IR version {}, newer than the {MAX_IR_VERSION} ONNX Runtime Training 1.19 reads; \
-             re-export it with an older onnx, or set ir_version to {MAX_IR_VERSION} with onnx.save",
-            model.ir_version
-        )));
-    }
-    Ok(model.ir_version)
-}
-
-/// A graph written by `kdgraph merge` must have a scalar `loss` output first and, where its
-/// sidecar lies beside it, match the hash that sidecar recorded.
-pub fn check_sidecar(model: &crate::LoadedModel, bytes: &[u8]) -> Result<()> {
-    let shown = model.display();
-    if model.graph().output.first().map(|o| o.name.as_str()) != Some(LOSS) {
-        return Err(Error::input(format!(
-            "`{shown}` has no `loss` output first; check runs graphs written by `kdgraph merge`"
-        )));
-    }
-    let sidecar = crate::sidecar_path(&model.path);
-    let Ok(text) = std::fs::read_to_string(&sidecar) else {
-        return Ok(());
+fn model_proto(
+    graph: pb::GraphProto,
+    plan: &Plan,
+    stage: TrainingStage,
+    opset: i64,
+    ir_version: i64,
+) -> pb::ModelProto {
+    let methods: Vec<String> = plan.methods.iter().map(|m| m.to_string()).collect();
+    let entry = |key: &str, value: String| pb::StringStringEntryProto {
+        key: key.into(),
+        value,
     };
-    let recorded = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| {
-            v.get("model_hash")
-                .and_then(|m| m.as_str())
-                .map(str::to_string)
-        });
-    if recorded.is_some_and(|h| h != crate::onnx::io::content_hash(bytes)) {
-        return Err(Error::input(format!(
-            "`{shown}` and `{}` come from different merges (an interrupted merge?); run kdgraph merge again",
-            sidecar.display()
-        )));
+    pb::ModelProto {
+        ir_version,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: opset,
+        }],
+        producer_name: "kdgraph".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(graph),
+        metadata_props: vec![
+            entry("kdgraph.version", env!("CARGO_PKG_VERSION").into()),
+            entry("kdgraph.methods", methods.join(",")),
+            entry("kdgraph.stage", stage.name().into()),
+        ],
+        ..Default::default()
     }
-    Ok(())
-}
-
-fn checked_opset(model: &pb::ModelProto, shown: &str) -> Result<i64> {
-    let opset = proto::onnx_opset(model);
-    if !OPSETS.contains(&opset) {
-        return Err(Error::input(format!(
-            "`{shown}` uses ONNX opset {opset}; ONNX Runtime Training 1.19 needs {} to {}: \
-             re-export it with torch.onnx.export(..., opset_version=17)",
-            OPSETS.start(),
-            OPSETS.end()
-        )));
-    }
-    Ok(opset)
 }
 
 fn names_of(graph: &pb::GraphProto) -> impl Iterator<Item = String> + '_ {

@@ -3,56 +3,34 @@
 //! The public API follows the flow of data: [`load`] a model, [`inspect`] it (find its taps),
 //! [`plan`](plan::plan) the pairs for the chosen methods, and render the plan with [`report`].
 
-pub mod analysis;
-pub mod check;
+mod analysis;
+mod check;
 pub mod error;
+#[cfg(any(test, feature = "fuzz-harness"))]
 pub mod exercise;
 mod guard;
-pub mod joint;
-pub mod methods;
-pub mod onnx;
-pub mod plan;
+mod joint;
+mod methods;
+mod onnx;
+mod plan;
 pub mod report;
+mod sidecar;
 mod suggest;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use analysis::ModelAnalysis;
-pub use error::{Error, Result};
-pub use methods::MethodName;
+pub use check::Term;
+pub use error::{Error, ErrorKind, Result};
 pub use onnx::io::{load_model, LoadedModel};
-pub use plan::{Plan, PlanOptions};
-
-/// A model read from disk and put into the form kdgraph works on (inference-form BatchNorm).
-pub struct PreparedModel {
-    pub loaded: LoadedModel,
-    /// Running statistics of BatchNorms that were rewritten from training mode (to be frozen).
-    pub running_statistics: Vec<String>,
-}
+pub use onnx::pb;
+pub use onnx::prepare::{prepare, PreparedModel};
+pub use plan::{MethodName, OptionSpec, OptionValue, Plan, PlanOptions, TrainingStage};
+pub use sidecar::sidecar_path;
 
 /// Loads a model and normalises it.
 pub fn load(path: &Path, input_shape: Option<&[i64]>) -> Result<PreparedModel> {
     prepare(load_model(path)?, input_shape)
-}
-
-/// Validates and normalises a decoded model.
-pub fn prepare(mut loaded: LoadedModel, input_shape: Option<&[i64]>) -> Result<PreparedModel> {
-    let shown = loaded.display();
-    let mut graph = loaded
-        .proto
-        .graph
-        .take()
-        .expect("load_model guarantees a graph");
-    onnx::validate::validate(&mut graph, &loaded.proto, &shown)?;
-    if let Some(dims) = input_shape {
-        onnx::normalize::fix_input_shape(&mut graph, dims, &shown)?;
-    }
-    let running_statistics = onnx::normalize::inference_batchnorm(&mut graph, &shown)?;
-    loaded.proto.graph = Some(graph);
-    Ok(PreparedModel {
-        loaded,
-        running_statistics,
-    })
 }
 
 /// Loads and analyses one model: its stages, taps and shapes.
@@ -68,13 +46,75 @@ pub struct Merge {
     pub plan: Plan,
 }
 
+/// Every method kdgraph has, in the order help lists them.
+pub fn methods() -> Vec<MethodName> {
+    methods::all()
+}
+
+/// Checks what can be checked before any model is read: outputs that would replace an input or
+/// cannot be written, and method options a written graph needs.
+pub fn check_request(
+    teacher: &Path,
+    student: &Path,
+    options: &PlanOptions,
+    output: Option<&Path>,
+    dot: Option<&Path>,
+) -> Result<()> {
+    let inputs = [teacher, student];
+    if let Some(dot) = dot {
+        onnx::io::ensure_not_an_input(dot, &inputs)?;
+    }
+    let Some(output) = output else {
+        return Ok(());
+    };
+    onnx::io::ensure_not_an_input(output, &inputs)?;
+    check_output_folder(output)?;
+    for method in methods::all() {
+        if !options.methods.iter().any(|m| m == method.as_str()) {
+            continue;
+        }
+        for option in method.spec().options {
+            let given = options
+                .method_options
+                .iter()
+                .any(|(flag, _)| flag == option.flag);
+            if option.default.is_none() && !given {
+                return Err(Error::usage(plan::missing_option(method, option)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The folder of `-o` must exist, and `-o` must not be a folder.
+fn check_output_folder(output: &Path) -> Result<()> {
+    let folder = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(Error::usage(format!(
+            "cannot write `{}`: the folder `{}` does not exist (or is not a folder); create it first",
+            output.display(),
+            folder.display()
+        )));
+    }
+    if output.is_dir() {
+        return Err(Error::usage(format!(
+            "-o `{}` is a folder; give the graph a file name",
+            output.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Loads and analyses both models and pairs their taps (what a dry run shows).
 pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Result<Merge> {
     let teacher = load(teacher, options.input_shape.as_deref())?;
     let student = load(student, options.input_shape.as_deref())?;
     let t = analysis::analyse(&teacher.loaded.proto, &teacher.loaded.display())?;
     let s = analysis::analyse(&student.loaded.proto, &student.loaded.display())?;
-    let plan = plan::plan(t, s, options)?;
+    let plan = plan::plan(t, s, options, &methods::all())?;
     Ok(Merge {
         teacher,
         student,
@@ -82,48 +122,57 @@ pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Resu
     })
 }
 
-/// The loss terms of one stage graph's tract run.
-pub struct StageCheck {
-    pub stage: &'static str,
-    pub path: std::path::PathBuf,
-    pub terms: Vec<check::Term>,
+/// Writes the plan's Graphviz picture to `path` (atomically).
+pub fn write_dot(merge: &Merge, path: &Path) -> Result<()> {
+    let mut write = onnx::io::AtomicWrite::new();
+    write.stage(path, report::plan_dot(&merge.plan).as_bytes())?;
+    write.commit()
+}
+
+/// One stage graph as written: its files and, where tract ran it, its loss terms.
+pub struct WrittenStage {
+    pub stage: TrainingStage,
+    pub graph: PathBuf,
+    pub sidecar: PathBuf,
+    pub terms: Option<Vec<Term>>,
 }
 
 /// Writes the joint graph and its sidecar `<output>.json`, plus `<output>.init.onnx` and its
 /// sidecar when a method has an init stage: all files together (atomically), after tract has run
-/// every graph (unless `check_batch` is None).
+/// every graph (unless `check_batch` is None). Stages are returned init first.
 pub fn write_joint(
     merge: &Merge,
     output: &Path,
     check_batch: Option<usize>,
-) -> Result<Vec<StageCheck>> {
+) -> Result<Vec<WrittenStage>> {
     let stages = stage_paths(merge, output)?;
     let file_name = |path: &Path| {
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
-    let files = joint::StageFiles {
+    let files = sidecar::StageFiles {
         main: file_name(output),
         init: stages
             .iter()
-            .find(|(s, _)| *s == methods::Stage::Init)
-            .map(|(_, p)| file_name(p)),
+            .find(|(s, _)| *s == TrainingStage::Init)
+            .map(|(_, p)| (file_name(p), init_epochs(&merge.plan))),
     };
     let mut models = Vec::new();
     let mut sidecars = Vec::new();
-    let mut checks = Vec::new();
+    let mut written = Vec::new();
     for (stage, path) in stages {
         let mut joint =
             joint::assemble(&merge.teacher, &merge.student, &merge.plan, stage, &files)?;
-        if let Some(batch) = check_batch {
-            let terms = check::run_losses(&joint.model, batch, &path.display().to_string())?;
-            checks.push(StageCheck {
-                stage: stage.name(),
-                path: path.clone(),
-                terms,
-            });
-        }
+        let terms = match check_batch {
+            Some(batch) => Some(check::run_losses(
+                &joint.model,
+                &joint.sidecar.inputs,
+                batch,
+                &path.display().to_string(),
+            )?),
+            None => None,
+        };
         let encoded = onnx::io::encode_model(joint.model, &path)?;
         // The sidecar records its graph's hash: a graph and a sidecar of two merges do not match.
         joint.sidecar.model_hash = onnx::io::content_hash(&encoded[0].1);
@@ -131,6 +180,12 @@ pub fn write_joint(
         let sidecar =
             serde_json::to_string_pretty(&joint.sidecar).expect("a sidecar always serialises");
         sidecars.push((sidecar_path(&path), sidecar.into_bytes()));
+        written.push(WrittenStage {
+            stage,
+            sidecar: sidecar_path(&path),
+            graph: path,
+            terms,
+        });
     }
     let inputs = [
         merge.teacher.loaded.path.as_path(),
@@ -144,45 +199,44 @@ pub fn write_joint(
         write.stage(path, bytes)?;
     }
     write.commit()?;
-    Ok(checks)
+    Ok(written)
+}
+
+/// The init stage's epochs: the longest any chosen method's reference prescribes.
+fn init_epochs(plan: &Plan) -> u32 {
+    plan.methods
+        .iter()
+        .filter_map(|m| m.spec().init_stage.map(|i| i.epochs))
+        .max()
+        .unwrap_or(0)
 }
 
 /// The graph file of each stage, init first; checked before any work so that a bad -o fails early.
-pub fn stage_paths(
-    merge: &Merge,
-    output: &Path,
-) -> Result<Vec<(methods::Stage, std::path::PathBuf)>> {
+fn stage_paths(merge: &Merge, output: &Path) -> Result<Vec<(TrainingStage, PathBuf)>> {
     if output.extension().is_some_and(|e| e == "json") {
         return Err(Error::usage(format!(
             "-o `{}`: the sidecar is written beside the graph as .json; name the graph .onnx",
             output.display()
         )));
     }
-    let mut stages = vec![(methods::Stage::Main, output.to_path_buf())];
+    let mut stages = vec![(TrainingStage::Main, output.to_path_buf())];
     if merge
         .plan
         .methods
         .iter()
-        .any(|&m| methods::registry(m).has_init_stage())
+        .any(|m| m.spec().init_stage.is_some())
     {
-        stages.insert(
-            0,
-            (methods::Stage::Init, output.with_extension("init.onnx")),
-        );
+        stages.insert(0, (TrainingStage::Init, output.with_extension("init.onnx")));
     }
     Ok(stages)
 }
 
-/// `joint.onnx` -> `joint.json`, `joint.init.onnx` -> `joint.init.json`.
-pub fn sidecar_path(output: &Path) -> std::path::PathBuf {
-    output.with_extension("json")
-}
-
-/// Loads a joint graph and runs it with tract at batch size `batch`.
-pub fn check_joint(path: &Path, batch: usize) -> Result<Vec<check::Term>> {
+/// Loads a joint graph written by `kdgraph merge`, with its sidecar, and runs it with tract at
+/// batch size `batch`.
+pub fn check_joint(path: &Path, batch: usize) -> Result<Vec<Term>> {
     let bytes = std::fs::read(path)
-        .map_err(|e| Error::input(format!("cannot read `{}`: {e}", path.display())))?;
+        .map_err(|e| Error::io(format!("cannot read `{}`: {e}", path.display())))?;
     let model = prepare(onnx::io::decode_model(&bytes, path)?, None)?.loaded;
-    joint::check_sidecar(&model, &bytes)?;
-    check::run_losses(&model.proto, batch, &model.display())
+    let roles = sidecar::read_for(&model, &bytes)?;
+    check::run_losses(&model.proto, &roles.inputs, batch, &model.display())
 }

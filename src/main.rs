@@ -3,10 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use kdgraph::check::Term;
-use kdgraph::{report, Error, MethodName, PlanOptions, Result};
+use kdgraph::{report, Error, OptionValue, PlanOptions, Result, Term, TrainingStage};
 
 #[derive(Parser)]
 #[command(
@@ -53,8 +52,8 @@ struct MergeArgs {
     /// The student model to train.
     student: PathBuf,
     /// Distillation method; repeat to combine several.
-    #[arg(long = "method", short = 'm', value_enum, required = true)]
-    methods: Vec<MethodName>,
+    #[arg(long = "method", short = 'm', required = true, value_parser = method_ids())]
+    methods: Vec<String>,
     /// The joint graph to write; its sidecar goes beside it with the extension .json.
     #[arg(short = 'o', long, default_value = "joint.onnx")]
     output: PathBuf,
@@ -67,12 +66,6 @@ struct MergeArgs {
     /// Batch size of the tract check.
     #[arg(long, default_value_t = 4)]
     check_batch: usize,
-    /// CRD: the number of samples in the training set (the size of the memory banks).
-    #[arg(long, value_name = "N", help_heading = "Method options")]
-    crd_n_data: Option<i64>,
-    /// CRD: negatives per sample.
-    #[arg(long, value_name = "K", default_value_t = kdgraph::methods::crd::DEFAULT_NEGATIVES, help_heading = "Method options")]
-    crd_negatives: i64,
     /// Run the teacher's BatchNorms on batch statistics (as the OFD reference) instead of folding them;
     /// ONNX Runtime Training then updates their running statistics.
     #[arg(long, help_heading = "Method options")]
@@ -94,7 +87,7 @@ struct MergeArgs {
     alpha: Option<f64>,
     /// Weight of a method's term: B when one feature method is chosen, else METHOD=B (repeatable; default per method).
     #[arg(long, value_name = "[METHOD=]B", value_parser = parse_beta, help_heading = "Loss weights")]
-    beta: Vec<(Option<MethodName>, f64)>,
+    beta: Vec<(Option<String>, f64)>,
     /// Weight of the cross-entropy term (default: 0.1 with --method kd, else 1).
     #[arg(long, help_heading = "Loss weights")]
     gamma: Option<f64>,
@@ -129,46 +122,93 @@ fn parse_dims(s: &str) -> std::result::Result<Dims, String> {
         .map(Dims)
 }
 
-/// The folder of `-o` must exist before any model is read.
-fn check_output_folder(output: &std::path::Path) -> Result<()> {
-    let folder = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    if !folder.is_dir() {
-        return Err(Error::usage(format!(
-            "cannot write `{}`: the folder `{}` does not exist (or is not a folder); create it first",
-            output.display(),
-            folder.display()
-        )));
-    }
-    if output.is_dir() {
-        return Err(Error::usage(format!(
-            "-o `{}` is a folder; give the graph a file name",
-            output.display()
-        )));
-    }
-    Ok(())
+/// The ids of every method, for `--method` and `--beta METHOD=B`.
+fn method_ids() -> clap::builder::PossibleValuesParser {
+    kdgraph::methods()
+        .into_iter()
+        .map(|m| m.as_str())
+        .collect::<Vec<_>>()
+        .into()
 }
 
-fn parse_beta(s: &str) -> std::result::Result<(Option<MethodName>, f64), String> {
+fn parse_beta(s: &str) -> std::result::Result<(Option<String>, f64), String> {
     let number = |v: &str| {
         v.parse::<f64>()
             .map_err(|_| format!("`{v}` is not a number"))
     };
     match s.split_once('=') {
         Some((m, v)) => {
-            let method = <MethodName as clap::ValueEnum>::from_str(m, true)
-                .map_err(|_| format!("`{m}` is not a method (kd, fitnet, at, sp, cc, vid, rkd, pkt, ab, ft, fsp, nst, crd, ofd)"))?;
+            let known: Vec<&str> = kdgraph::methods().into_iter().map(|m| m.as_str()).collect();
+            let method = m.to_ascii_lowercase();
+            if !known.contains(&method.as_str()) {
+                return Err(format!("`{m}` is not a method ({})", known.join(", ")));
+            }
             Ok((Some(method), number(v)?))
         }
         None => Ok((None, number(s)?)),
     }
 }
 
+/// `merge` takes every method's options (`--crd-n-data N`, ...) from the methods' specs.
+fn with_method_options(command: clap::Command) -> clap::Command {
+    command.mut_subcommand("merge", |mut merge| {
+        for method in kdgraph::methods() {
+            for option in method.spec().options {
+                let mut arg = clap::Arg::new(option.flag)
+                    .long(option.flag)
+                    .value_name(option.value_name)
+                    .help_heading("Method options")
+                    .help(format!(
+                        "{}: {}{}",
+                        method.as_str().to_uppercase(),
+                        option.help,
+                        option
+                            .default
+                            .map(|d| format!(" [default: {d}]"))
+                            .unwrap_or_default()
+                    ));
+                arg = if option.integer {
+                    arg.value_parser(clap::value_parser!(i64))
+                } else {
+                    arg.value_parser(clap::value_parser!(f64))
+                };
+                merge = merge.arg(arg);
+            }
+        }
+        merge
+    })
+}
+
+/// The method options given on the command line, by flag.
+fn method_options(matches: &ArgMatches) -> Vec<(String, OptionValue)> {
+    let Some(("merge", merge)) = matches.subcommand() else {
+        return Vec::new();
+    };
+    let mut given = Vec::new();
+    for method in kdgraph::methods() {
+        for option in method.spec().options {
+            let value = if option.integer {
+                merge
+                    .get_one::<i64>(option.flag)
+                    .map(|&v| OptionValue::Int(v))
+            } else {
+                merge
+                    .get_one::<f64>(option.flag)
+                    .map(|&v| OptionValue::Float(v))
+            };
+            if let Some(value) = value {
+                given.push((option.flag.to_string(), value));
+            }
+        }
+    }
+    given
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli.command) {
+    let matches = with_method_options(Cli::command()).get_matches();
+    let options = method_options(&matches);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(cli.command, options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -177,7 +217,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> Result<()> {
+fn run(command: Command, method_options: Vec<(String, OptionValue)>) -> Result<()> {
     match command {
         Command::Inspect {
             model,
@@ -195,7 +235,7 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Merge(args) => merge(args),
+        Command::Merge(args) => merge(args, method_options),
         Command::Check { joint, batch } => {
             if batch == 0 {
                 return Err(Error::usage("--batch must be at least 1"));
@@ -218,7 +258,7 @@ fn show_terms(model: &str, batch: usize, terms: &[Term]) -> String {
     out
 }
 
-fn merge(args: MergeArgs) -> Result<()> {
+fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<()> {
     let options = PlanOptions {
         methods: args.methods,
         taps: args.taps,
@@ -226,42 +266,26 @@ fn merge(args: MergeArgs) -> Result<()> {
         alpha: args.alpha,
         betas: args.beta,
         temperature: args.temperature,
-        crd_n_data: args.crd_n_data,
-        crd_negatives: args.crd_negatives,
+        method_options,
         teacher_batch_statistics: args.teacher_batch_statistics,
         input_shape: args.input_shape.map(|d| d.0),
     };
     if args.check_batch == 0 {
         return Err(Error::usage("--check-batch must be at least 1"));
     }
-    let inputs = [args.teacher.as_path(), args.student.as_path()];
-    if let Some(dot) = &args.dot {
-        kdgraph::onnx::io::ensure_not_an_input(dot, &inputs)?;
-    }
-    if !args.dry_run {
-        kdgraph::onnx::io::ensure_not_an_input(&args.output, &inputs)?;
-        check_output_folder(&args.output)?;
-        if options.methods.contains(&MethodName::Crd) && options.crd_n_data.is_none() {
-            return Err(Error::usage(
-                "crd needs --crd-n-data N, the number of samples in the training set (the size of its memory banks)",
-            ));
-        }
-    }
+    let output = (!args.dry_run).then_some(args.output.as_path());
+    kdgraph::check_request(
+        &args.teacher,
+        &args.student,
+        &options,
+        output,
+        args.dot.as_deref(),
+    )?;
     let merge = kdgraph::plan_merge(&args.teacher, &args.student, &options)?;
-    let dot = args
-        .dot
-        .as_ref()
-        .map(|path| (path.clone(), report::plan_dot(&merge.plan)));
-    let write_dot = || -> Result<()> {
-        if let Some((path, text)) = &dot {
-            let mut write = kdgraph::onnx::io::AtomicWrite::new();
-            write.stage(path, text.as_bytes())?;
-            write.commit()?;
-        }
-        Ok(())
-    };
     if args.dry_run {
-        write_dot()?;
+        if let Some(dot) = &args.dot {
+            kdgraph::write_dot(&merge, dot)?;
+        }
         print!(
             "{}",
             if args.json {
@@ -276,13 +300,18 @@ fn merge(args: MergeArgs) -> Result<()> {
         print!("{}", report::plan_text(&merge.plan));
     }
     let check = (!args.no_check).then_some(args.check_batch);
-    let checks = kdgraph::write_joint(&merge, &args.output, check)?;
-    write_dot()?;
+    let written = kdgraph::write_joint(&merge, &args.output, check)?;
+    if let Some(dot) = &args.dot {
+        kdgraph::write_dot(&merge, dot)?;
+    }
     let sidecar = kdgraph::sidecar_path(&args.output);
     if args.json {
-        let runs: Vec<_> = checks
+        let runs: Vec<_> = written
             .iter()
-            .map(|c| serde_json::json!({"stage": c.stage, "model": c.path, "terms": c.terms}))
+            .filter_map(|w| {
+                let terms = w.terms.as_ref()?;
+                Some(serde_json::json!({"stage": w.stage.name(), "model": w.graph, "terms": terms}))
+            })
             .collect();
         let summary = serde_json::json!({
             "output": args.output, "sidecar": sidecar, "check_batch": check, "check": runs,
@@ -291,27 +320,23 @@ fn merge(args: MergeArgs) -> Result<()> {
             "{}",
             serde_json::to_string_pretty(&summary).expect("a summary always serialises")
         );
-    } else {
-        for c in &checks {
+        return Ok(());
+    }
+    for w in &written {
+        if let Some(terms) = &w.terms {
             print!(
                 "{}",
-                show_terms(&c.path.display().to_string(), args.check_batch, &c.terms)
+                show_terms(&w.graph.display().to_string(), args.check_batch, terms)
             );
         }
-        println!("wrote {} and {}", args.output.display(), sidecar.display());
-        if merge
-            .plan
-            .methods
-            .iter()
-            .any(|&m| kdgraph::methods::registry(m).has_init_stage())
-        {
-            let init = args.output.with_extension("init.onnx");
-            println!(
-                "wrote {} and {}: train it first (the sidecar's stages say how long), then carry its weights into the main stage",
-                init.display(),
-                kdgraph::sidecar_path(&init).display()
-            );
-        }
+    }
+    println!("wrote {} and {}", args.output.display(), sidecar.display());
+    if let Some(init) = written.iter().find(|w| w.stage == TrainingStage::Init) {
+        println!(
+            "wrote {} and {}: train it first (the sidecar's stages say how long), then carry its weights into the main stage",
+            init.graph.display(),
+            init.sidecar.display()
+        );
     }
     Ok(())
 }

@@ -37,7 +37,6 @@ pub fn analysis_text(a: &ModelAnalysis) -> String {
     let _ = writeln!(out, "embedding: {}", tensor(&a.embedding));
     let _ = writeln!(out, "logits:    {}", tensor(&a.logits));
     lines(&mut out, "notes", &a.notes);
-    lines(&mut out, "warnings", &a.warnings);
     out
 }
 
@@ -89,7 +88,7 @@ pub fn plan_text(plan: &Plan) -> String {
             None => format!("alpha {}", plan.hyper.alpha),
         };
         let _ = writeln!(out, "\n{method} ({weight})");
-        if let Some(remark) = crate::methods::registry(method).remark() {
+        if let Some(remark) = method.spec().remark {
             let _ = writeln!(out, "  ({remark})");
         }
         for pair in plan.pairs.iter().filter(|p| p.method == method) {

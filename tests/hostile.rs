@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use kdgraph::onnx::pb;
+use kdgraph::pb;
 use prost::Message;
 
 /// Where every merge of this file writes, relative to the case folder.
@@ -73,47 +73,6 @@ fn hash_file(path: &Path) -> (u64, u64) {
         length += n as u64;
     }
     (length, hasher.finish())
-}
-
-/// Fails unless `run` ended in exactly one `error: ...` line on stderr, exit `code`, no panic,
-/// and the line names each of `names`. Merge may print its plan on stdout before a write fails,
-/// but never claims to have written anything. Returns the line.
-fn error_line(run: &Run, code: i32, names: &[&str]) -> String {
-    assert!(
-        !run.stderr.contains("panicked"),
-        "`{}` panicked:\n{}",
-        run.command,
-        run.stderr
-    );
-    assert_eq!(
-        run.code,
-        Some(code),
-        "`{}` should exit with {code}; stdout:\n{}\nstderr:\n{}",
-        run.command,
-        run.stdout,
-        run.stderr
-    );
-    let line = run.stderr.strip_suffix('\n').unwrap_or(&run.stderr);
-    assert!(
-        line.starts_with("error: ") && !line.contains('\n'),
-        "`{}` should print one `error: ...` line on stderr, printed:\n{}",
-        run.command,
-        run.stderr
-    );
-    assert!(
-        !run.stdout.contains("wrote "),
-        "`{}` failed but says it wrote files:\n{}",
-        run.command,
-        run.stdout
-    );
-    for name in names {
-        assert!(
-            line.contains(name),
-            "`{}`: the message should name `{name}`:\n{line}",
-            run.command
-        );
-    }
-    line.to_string()
 }
 
 /// A clap usage error: exit 2, `error: ...` first, nothing on stdout, no panic. (clap adds a

@@ -4,6 +4,7 @@
 pub mod dataflow;
 pub mod scopes;
 pub mod shapes;
+pub mod support;
 pub mod taps;
 
 use std::collections::HashMap;
@@ -29,9 +30,9 @@ pub struct InputInfo {
     pub dtype: String,
 }
 
-/// A spatial tap: index 0 is the stem, then one per stage.
+/// A spatial tap of the network: index 0 is the stem, then one per stage.
 #[derive(Debug, Clone, Serialize)]
-pub struct Stage {
+pub struct NetworkStage {
     pub index: usize,
     pub name: String,
     pub tensor: String,
@@ -39,7 +40,7 @@ pub struct Stage {
     pub pre_relu: Option<String>,
 }
 
-impl Stage {
+impl NetworkStage {
     pub fn info(&self) -> TensorInfo {
         TensorInfo {
             tensor: self.tensor.clone(),
@@ -60,16 +61,23 @@ impl Stage {
 pub struct ModelAnalysis {
     pub model: String,
     pub inputs: Vec<InputInfo>,
-    pub stages: Vec<Stage>,
+    pub stages: Vec<NetworkStage>,
     pub embedding: TensorInfo,
     pub logits: TensorInfo,
-    /// Things the user should act on (e.g. BatchNorms folded away in a student).
-    pub warnings: Vec<String>,
     /// How the taps were chosen where a rule had to decide.
     pub notes: Vec<String>,
     /// Number of BatchNormalization nodes (0 means folded away or absent).
     #[serde(skip)]
     pub batchnorms: usize,
+    /// The BatchNorm behind each tensor that is a BatchNorm's output or a sum with one (a
+    /// residual block's pre-ReLU point), with its constant scale and shift.
+    #[serde(skip)]
+    pub batchnorm_outputs: HashMap<String, BatchNormParams>,
+    /// The model's ai.onnx opset and IR version (within what ORT Training 1.19 reads).
+    #[serde(skip)]
+    pub opset: i64,
+    #[serde(skip)]
+    pub ir_version: i64,
     /// The shape of every tensor tract could infer, for `--tap` and for the joint graph.
     #[serde(skip)]
     pub shapes: HashMap<String, Shape>,
@@ -78,7 +86,20 @@ pub struct ModelAnalysis {
     pub data_tensors: Vec<String>,
 }
 
+/// A BatchNormalization's name and its constant per-channel scale (gamma) and shift (beta).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNormParams {
+    pub node: String,
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+}
+
 impl ModelAnalysis {
+    /// The BatchNorm whose output is `tensor`, or is added into it.
+    pub fn batchnorm_feeding(&self, tensor: &str) -> Option<&BatchNormParams> {
+        self.batchnorm_outputs.get(tensor)
+    }
+
     pub fn class_count(&self) -> Option<i64> {
         self.logits.shape.get(1).and_then(shapes::fixed)
     }
@@ -100,7 +121,8 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
     let graph = model
         .graph
         .as_ref()
-        .ok_or_else(|| Error::input(format!("`{shown}` holds no graph")))?;
+        .ok_or_else(|| Error::invalid_model(format!("`{shown}` holds no graph")))?;
+    let (opset, ir_version) = support::check_versions(model, shown)?;
     let shapes = shapes::infer_shapes(model, shown)?;
     let flow = Dataflow::new(graph);
     let initializers = proto::initializers(graph);
@@ -118,7 +140,7 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         })
         .collect();
     if inputs.is_empty() {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "`{shown}` has no graph input to feed"
         )));
     }
@@ -147,7 +169,7 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         .spatial
         .iter()
         .enumerate()
-        .map(|(index, tensor)| Stage {
+        .map(|(index, tensor)| NetworkStage {
             index,
             name: if index == 0 {
                 "stem".to_string()
@@ -170,9 +192,11 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         stages,
         embedding: info(&found.embedding),
         logits: info(&found.logits),
-        warnings: Vec::new(),
         notes: found.notes,
         batchnorms,
+        batchnorm_outputs: batchnorm_outputs(graph, &flow),
+        opset,
+        ir_version,
         data_tensors: graph
             .node
             .iter()
@@ -182,6 +206,38 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
             .collect(),
         shapes,
     })
+}
+
+/// Every BatchNorm output with constant parameters, and every Add that sums one (the pre-ReLU
+/// point of a residual block), mapped to that BatchNorm.
+fn batchnorm_outputs(graph: &pb::GraphProto, flow: &Dataflow) -> HashMap<String, BatchNormParams> {
+    let initializers = proto::initializers(graph);
+    let params = |bn: &pb::NodeProto| -> Option<BatchNormParams> {
+        let value = |i: usize| proto::float_values(initializers.get(bn.input.get(i)?.as_str())?);
+        Some(BatchNormParams {
+            node: bn.name.clone(),
+            gamma: value(1)?,
+            beta: value(2)?,
+        })
+    };
+    let mut found = HashMap::new();
+    for node in &graph.node {
+        let bn = match node.op_type.as_str() {
+            "BatchNormalization" => Some(node),
+            "Add" => node
+                .input
+                .iter()
+                .filter_map(|i| flow.producer(i))
+                .find(|n| n.op_type == "BatchNormalization"),
+            _ => None,
+        };
+        if let (Some(bn), Some(output)) = (bn, node.output.first()) {
+            if let Some(p) = params(bn) {
+                found.insert(output.clone(), p);
+            }
+        }
+    }
+    found
 }
 
 /// The logits: the first graph output of shape [N, classes].
@@ -201,7 +257,7 @@ fn find_logits(
                 .iter()
                 .map(|o| format!("`{}` {}", o.name, shapes.get(&o.name).map(|s| show_shape(s)).unwrap_or("?".into())))
                 .collect();
-            Error::input(format!(
+            Error::unsupported(format!(
                 "`{shown}`: no graph output has the shape [batch, classes] of logits (outputs: {}); \
                  export the classifier's logits as an output",
                 names.join(", ")

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::onnx::pb;
 
 /// One dimension: a number, or a symbol such as the batch size `N`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Dim {
     Fixed(i64),
@@ -46,7 +46,7 @@ pub fn fixed(dim: &Dim) -> Option<i64> {
 /// Runs tract's shape inference on a (normalised) model and returns the known shapes by tensor name.
 pub fn infer_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Shape>> {
     crate::guard::catch_panic(|| tract_shapes(model, shown)).unwrap_or_else(|panic| {
-        Err(Error::input(format!(
+        Err(Error::invalid_model(format!(
             "`{shown}`: tract failed while inferring shapes: {panic}; the graph is probably malformed"
         )))
     })
@@ -55,7 +55,7 @@ pub fn infer_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<Strin
 fn tract_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Shape>> {
     let onnx = tract_onnx::onnx();
     let parsed = onnx.parse(model, None).map_err(|e| {
-        Error::input(format!(
+        Error::unsupported(format!(
             "`{shown}`: tract cannot read the graph: {}",
             root_cause(&e)
         ))

@@ -57,7 +57,7 @@ pub fn find_taps(
             .find(|t| shapes.get(**t).is_some_and(|s| s.len() == 2))
             .map(|t| t.to_string())
             .ok_or_else(|| {
-                Error::input(format!(
+                Error::unsupported(format!(
                     "`{shown}`: no classifier (Gemm or MatMul) and no 2-D embedding found before the logits `{logits}`"
                 ))
             })?,
@@ -72,7 +72,7 @@ pub fn find_taps(
         .filter(|t| spatial_size(shapes.get(*t)).is_some_and(|(h, w)| h * w > 1))
         .collect();
     if spatial_cuts.is_empty() {
-        return Err(Error::input(format!(
+        return Err(Error::unsupported(format!(
             "`{shown}`: no spatial feature map (N x C x H x W with H*W > 1) lies on every path from the input to the logits; \
              kdgraph needs a convolutional network (check that the input has fixed H and W)"
         )));

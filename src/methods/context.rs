@@ -1,58 +1,42 @@
 //! What a method's loss builder works with: the graph builder, the joint graph's names for tap
 //! tensors, and helpers that apply a pair's pooling and connectors.
 
-use super::connector::{Connector, ConvInit, Layer, Side};
 use super::init::{torch_default, Stream};
-use super::{registry, MethodName};
 use crate::analysis::shapes::fixed;
-use crate::joint::Role;
+use crate::error::Result;
 use crate::onnx::builder::{Attr, GraphBuilder};
-use crate::onnx::pb;
-use crate::plan::{Hyper, TapPair};
+use crate::plan::{
+    Connector, ConvInit, Hyper, Layer, MethodName, OptionValue, Role, Side, TapPair, TrainingStage,
+};
 
 /// The prefix of every teacher name in the joint graph.
 pub const TEACHER_PREFIX: &str = "teacher/";
-
-/// The training stage a graph is built for: the init stage of AB, FSP and FT, or the main one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Init,
-    Main,
-}
-
-impl Stage {
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Init => "init",
-            Stage::Main => "main",
-        }
-    }
-}
 
 pub struct LossContext<'a> {
     pub b: &'a mut GraphBuilder,
     pub method: MethodName,
     pub hyper: &'a Hyper,
-    pub stage: Stage,
+    pub stage: TrainingStage,
     /// The student's first input: its batch dimension is the batch size.
     pub image: String,
     /// That batch dimension, for the shapes of state inputs.
     pub batch_dim: crate::analysis::Dim,
-    /// The teacher's graph as exported (original names, BatchNorms not folded).
-    pub teacher_graph: &'a pb::GraphProto,
     /// Connectors built as constants rather than parameters (FT's paraphraser in the main stage).
     pub frozen: &'a [&'static str],
     /// State the method reads (CRD's memories) and writes back, added to the graph's inputs and outputs.
     pub state_inputs: Vec<Role>,
     pub state_outputs: Vec<Role>,
-    /// What the report should say about choices made while building (e.g. OFD's margins).
-    pub notes: Vec<String>,
 }
 
 impl LossContext<'_> {
     /// `kd/<method>/<what>`.
     pub fn name(&self, what: &str) -> String {
         format!("kd/{}/{what}", self.method)
+    }
+
+    /// The value of one of the method's options.
+    pub fn option(&self, key: &str) -> Result<OptionValue> {
+        self.hyper.option(self.method, key)
     }
 
     /// `sum(terms) / B`, the method's term (AB's and OFD's stage sums are per sample).
@@ -82,7 +66,7 @@ impl LossContext<'_> {
             Side::Teacher => pair.teacher.shape.get(1).and_then(fixed),
             Side::Student => pair.student.shape.get(1).and_then(fixed),
         };
-        let pool_first = registry(self.method).pool_before_connector();
+        let pool_first = self.method.spec().pool_before_connector;
         if pool_first {
             x = self.pool(pair, side, &x, channels);
         }

@@ -1,23 +1,91 @@
 //! CRD (contrastive representation distillation): NCE over memory banks of embeddings, with the
 //! banks and the normalisers as state that the graph reads and writes back.
 
-use super::connector::features;
-use super::{Connector, Layer, LossContext, Method, Side, TapKind, Weights};
+use super::LossContext;
 use crate::analysis::{Dim, TensorInfo};
 use crate::error::{Error, Result};
-use crate::joint::Role;
 use crate::onnx::builder::{Attr, GraphBuilder};
-use crate::plan::TapPair;
+use crate::plan::connector::{feat_dim, features, FEAT_DIM};
+use crate::plan::{
+    Connector, Layer, MethodSpec, OptionSpec, OptionValue, OptionValues, Role, Side, TapKind,
+    TapPair, Weights, SPEC_DEFAULTS,
+};
 
-pub struct Crd;
-
-/// RepDistiller's `feat_dim`.
-pub const EMBED_DIM: i64 = 128;
-/// `nce_k`, `nce_t`, `nce_m` of RepDistiller.
-pub const DEFAULT_NEGATIVES: i64 = 16384;
-const TEMPERATURE: f32 = 0.07;
-const MOMENTUM: f32 = 0.5;
+/// The most training samples the memory banks are built for (2^24: 2 x 8 GiB of float32).
+const MAX_SAMPLES: f64 = (1u64 << 24) as f64;
 const EPS: f32 = 1e-7;
+
+/// RepDistiller's `n_data` (no default: the training set's size), `nce_k`, `feat_dim`, `nce_t`, `nce_m`.
+static OPTIONS: [OptionSpec; 5] = [
+    OptionSpec {
+        flag: "crd-n-data",
+        key: "n_data",
+        value_name: "N",
+        help: "the number of samples in the training set (the size of its memory banks)",
+        default: None,
+        integer: true,
+        min: 2.0,
+        max: MAX_SAMPLES,
+    },
+    OptionSpec {
+        flag: "crd-negatives",
+        key: "negatives",
+        value_name: "K",
+        help: "negatives per sample, drawn from other samples",
+        default: Some(OptionValue::Int(16384)),
+        integer: true,
+        min: 1.0,
+        max: MAX_SAMPLES,
+    },
+    OptionSpec {
+        flag: "crd-feat-dim",
+        key: "feat_dim",
+        value_name: "D",
+        help: "the size of the embeddings compared",
+        default: Some(OptionValue::Int(FEAT_DIM)),
+        integer: true,
+        min: 1.0,
+        max: 65536.0,
+    },
+    OptionSpec {
+        flag: "crd-temperature",
+        key: "temperature",
+        value_name: "TAU",
+        help: "the temperature of the contrastive scores",
+        default: Some(OptionValue::Float(0.07)),
+        integer: false,
+        min: 1e-6,
+        max: 1e6,
+    },
+    OptionSpec {
+        flag: "crd-momentum",
+        key: "momentum",
+        value_name: "M",
+        help: "the momentum of the memory-bank updates",
+        default: Some(OptionValue::Float(0.5)),
+        integer: false,
+        min: 0.0,
+        max: 1.0,
+    },
+];
+
+/// Negatives are other samples: fewer than the training set has.
+fn check_options(values: &OptionValues) -> Result<()> {
+    let get = |key: &str| {
+        values
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_i64())
+    };
+    if let (Some(n_data), Some(negatives)) = (get("n_data"), get("negatives")) {
+        if negatives >= n_data {
+            return Err(Error::usage(format!(
+                "--crd-negatives {negatives} must be at least 1 and smaller than --crd-n-data {n_data} (negatives are other samples)"
+            )));
+        }
+    }
+    Ok(())
+}
 
 pub const INDEX: &str = "kd/crd/index";
 pub const CONTRAST_INDEX: &str = "kd/crd/contrast_index";
@@ -25,123 +93,137 @@ pub const MEMORY_STUDENT: &str = "kd/crd/memory_student";
 pub const MEMORY_TEACHER: &str = "kd/crd/memory_teacher";
 pub const Z: &str = "kd/crd/z";
 
-impl Method for Crd {
-    fn id(&self) -> &'static str {
-        "crd"
-    }
+pub static SPEC: MethodSpec = MethodSpec {
+    id: "crd",
+    taps: TapKind::Embedding,
+    weights: Weights {
+        gamma: 1.0,
+        alpha: 0.0,
+        beta: 0.8,
+    },
+    remark: Some("needs the data loader's sample indices and contrast indices, and carries two memory banks as state inputs and outputs"),
+    options: &OPTIONS,
+    check_options: Some(check_options),
+    connectors,
+    ..SPEC_DEFAULTS
+};
 
-    fn remark(&self) -> Option<&'static str> {
-        Some("needs the data loader's sample indices and contrast indices, and carries two memory banks as state inputs and outputs")
-    }
-
-    fn taps(&self) -> TapKind {
-        TapKind::Embedding
-    }
-
-    fn weights(&self) -> Weights {
-        Weights {
-            gamma: 1.0,
-            alpha: 0.0,
-            beta: 0.8,
-        }
-    }
-
-    /// A trainable linear to 128 then L2 normalisation on each side.
-    fn connectors(&self, teacher: &TensorInfo, student: &TensorInfo) -> Result<Vec<Connector>> {
-        let embed = |info: &TensorInfo| -> Result<Vec<Layer>> {
-            Ok(vec![
-                Layer::Linear {
-                    in_features: features(info)?,
-                    out_features: EMBED_DIM,
-                },
-                Layer::L2Normalize,
-            ])
-        };
+/// A trainable linear to 128 then L2 normalisation on each side.
+fn connectors(
+    teacher: &TensorInfo,
+    student: &TensorInfo,
+    options: &OptionValues,
+) -> Result<Vec<Connector>> {
+    let embed = |info: &TensorInfo| -> Result<Vec<Layer>> {
         Ok(vec![
-            Connector {
-                name: "embed",
-                side: Side::Student,
-                layers: embed(student)?,
+            Layer::Linear {
+                in_features: features(info)?,
+                out_features: feat_dim(options),
             },
-            Connector {
-                name: "embed",
-                side: Side::Teacher,
-                layers: embed(teacher)?,
-            },
+            Layer::L2Normalize,
         ])
-    }
+    };
+    Ok(vec![
+        Connector {
+            name: "embed",
+            side: Side::Student,
+            layers: embed(student)?,
+        },
+        Connector {
+            name: "embed",
+            side: Side::Teacher,
+            layers: embed(teacher)?,
+        },
+    ])
+}
 
-    /// `loss(out_s / Z_s) + loss(out_t / Z_t)` with the NCE loss of METHODS.md 13; memories and Z
-    /// are inputs, their updates outputs.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
-        let pair = pairs[0];
-        let crd = ctx.hyper.crd.clone().ok_or_else(|| {
-            Error::usage("crd needs --crd-n-data N, the number of samples in the training set (the size of its memory banks)")
-        })?;
-        let e_s = ctx.tap(pair, Side::Student);
-        let e_t = ctx.tap(pair, Side::Teacher);
-        let batch_dim = ctx.batch_dim.clone();
-        let n_data = crd.n_data;
-        let k = crd.negatives;
-        let state = |name: &str, dtype: &str, shape: Vec<Dim>| Role {
-            name: name.into(),
-            role: "state",
-            dtype: dtype.into(),
-            shape,
-        };
-        let memory_shape = vec![Dim::Fixed(n_data), Dim::Fixed(EMBED_DIM)];
-        ctx.state_inputs.extend([
-            state(INDEX, "int64", vec![batch_dim.clone()]),
-            state(CONTRAST_INDEX, "int64", vec![batch_dim, Dim::Fixed(k + 1)]),
-            state(MEMORY_STUDENT, "float32", memory_shape.clone()),
-            state(MEMORY_TEACHER, "float32", memory_shape.clone()),
-            state(Z, "float32", vec![Dim::Fixed(2)]),
-        ]);
-        let image = ctx.image.clone();
-        let b = &mut *ctx.b;
-        // Scores: the teacher's embedding against the student memory, and the other way round.
-        let out_t = scores(b, MEMORY_STUDENT, &e_t, k, "kd/crd/teacher_scores");
-        let out_s = scores(b, MEMORY_TEACHER, &e_s, k, "kd/crd/student_scores");
-        let z_s = normaliser(b, &out_s, 0, n_data, "kd/crd/z_student");
-        let z_t = normaliser(b, &out_t, 1, n_data, "kd/crd/z_teacher");
-        let p_s = b.div(&out_s, &z_s, "kd/crd/student_normalised");
-        let p_t = b.div(&out_t, &z_t, "kd/crd/teacher_normalised");
-        let batch = b.batch_size(&image, "kd/crd/batch");
-        let l_s = contrast_loss(b, &p_s, k, n_data, &batch, "kd/crd/student_loss");
-        let l_t = contrast_loss(b, &p_t, k, n_data, &batch, "kd/crd/teacher_loss");
-        let term = b.add(&l_s, &l_t, "kd/crd/term");
-        // State updates: memories move towards this batch's embeddings; Z is fixed once estimated.
-        for (memory, embedding, role) in [
-            (MEMORY_STUDENT, &e_s, "student"),
-            (MEMORY_TEACHER, &e_t, "teacher"),
-        ] {
-            let next = update_memory(
-                b,
-                memory,
-                embedding,
-                &format!("kd/crd/memory_{role}_update"),
-            );
-            let output = format!("{memory}_next");
-            b.node("Identity", &[&next], &[&output], vec![], &output);
-            ctx.state_outputs
-                .push(state(&output, "float32", memory_shape.clone()));
-        }
-        let z_both = b.op(
-            "Concat",
-            &[&z_s, &z_t],
-            vec![("axis", Attr::Int(0))],
-            "kd/crd/z_used",
+/// `loss(out_s / Z_s) + loss(out_t / Z_t)` with the NCE loss of METHODS.md 13; memories and Z
+/// are inputs, their updates outputs.
+pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
+    let pair = pairs[0];
+    let n_data = ctx.option("n_data")?.as_i64();
+    let k = ctx.option("negatives")?.as_i64();
+    let feat_dim = ctx.option("feat_dim")?.as_i64();
+    let temperature = ctx.option("temperature")?.as_f64() as f32;
+    let momentum = ctx.option("momentum")?.as_f64() as f32;
+    let e_s = ctx.tap(pair, Side::Student);
+    let e_t = ctx.tap(pair, Side::Teacher);
+    let batch_dim = ctx.batch_dim.clone();
+    let state = |name: &str, dtype: &str, shape: Vec<Dim>| Role::new(name, "state", dtype, shape);
+    let memory_shape = vec![Dim::Fixed(n_data), Dim::Fixed(feat_dim)];
+    ctx.state_inputs.extend([
+        state(INDEX, "int64", vec![batch_dim.clone()]).indexing(n_data),
+        state(CONTRAST_INDEX, "int64", vec![batch_dim, Dim::Fixed(k + 1)]).indexing(n_data),
+        state(MEMORY_STUDENT, "float32", memory_shape.clone()),
+        state(MEMORY_TEACHER, "float32", memory_shape.clone()),
+        state(Z, "float32", vec![Dim::Fixed(2)]),
+    ]);
+    let image = ctx.image.clone();
+    let b = &mut *ctx.b;
+    // Scores: the teacher's embedding against the student memory, and the other way round.
+    let out_t = scores(
+        b,
+        MEMORY_STUDENT,
+        &e_t,
+        k,
+        temperature,
+        "kd/crd/teacher_scores",
+    );
+    let out_s = scores(
+        b,
+        MEMORY_TEACHER,
+        &e_s,
+        k,
+        temperature,
+        "kd/crd/student_scores",
+    );
+    let z_s = normaliser(b, &out_s, 0, n_data, "kd/crd/z_student");
+    let z_t = normaliser(b, &out_t, 1, n_data, "kd/crd/z_teacher");
+    let p_s = b.div(&out_s, &z_s, "kd/crd/student_normalised");
+    let p_t = b.div(&out_t, &z_t, "kd/crd/teacher_normalised");
+    let batch = b.batch_size(&image, "kd/crd/batch");
+    let l_s = contrast_loss(b, &p_s, k, n_data, &batch, "kd/crd/student_loss");
+    let l_t = contrast_loss(b, &p_t, k, n_data, &batch, "kd/crd/teacher_loss");
+    let term = b.add(&l_s, &l_t, "kd/crd/term");
+    // State updates: memories move towards this batch's embeddings; Z is fixed once estimated.
+    for (memory, embedding, role) in [
+        (MEMORY_STUDENT, &e_s, "student"),
+        (MEMORY_TEACHER, &e_t, "teacher"),
+    ] {
+        let next = update_memory(
+            b,
+            memory,
+            embedding,
+            momentum,
+            &format!("kd/crd/memory_{role}_update"),
         );
-        let z_next = format!("{Z}_next");
-        b.node("Identity", &[&z_both], &[&z_next], vec![], &z_next);
+        let output = format!("{memory}_next");
+        b.node("Identity", &[&next], &[&output], vec![], &output);
         ctx.state_outputs
-            .push(state(&z_next, "float32", vec![Dim::Fixed(2)]));
-        Ok(Some(term))
+            .push(state(&output, "float32", memory_shape.clone()));
     }
+    let z_both = b.op(
+        "Concat",
+        &[&z_s, &z_t],
+        vec![("axis", Attr::Int(0))],
+        "kd/crd/z_used",
+    );
+    let z_next = format!("{Z}_next");
+    b.node("Identity", &[&z_both], &[&z_next], vec![], &z_next);
+    ctx.state_outputs
+        .push(state(&z_next, "float32", vec![Dim::Fixed(2)]));
+    Ok(Some(term))
 }
 
 /// `exp(memory[contrast_index] . e / tau)`, shape [B, K+1].
-fn scores(b: &mut GraphBuilder, memory: &str, embedding: &str, k: i64, base: &str) -> String {
+fn scores(
+    b: &mut GraphBuilder,
+    memory: &str,
+    embedding: &str,
+    k: i64,
+    temperature: f32,
+    base: &str,
+) -> String {
     let weights = b.op(
         "Gather",
         &[memory, CONTRAST_INDEX],
@@ -151,7 +233,7 @@ fn scores(b: &mut GraphBuilder, memory: &str, embedding: &str, k: i64, base: &st
     let column = b.unsqueeze(embedding, &[2], &format!("{base}/embedding_column"));
     let dots = b.matmul(&weights, &column, &format!("{base}/dots"));
     let flat = b.reshape(&dots, &[-1, k + 1], &format!("{base}/flat"));
-    let tau = b.scalar(&format!("{base}/tau"), TEMPERATURE);
+    let tau = b.scalar(&format!("{base}/tau"), temperature);
     let scaled = b.div(&flat, &tau, &format!("{base}/scaled"));
     b.unary("Exp", &scaled, base)
 }
@@ -203,15 +285,21 @@ fn contrast_loss(
 }
 
 /// `memory[index] <- N(m * memory[index] + (1 - m) * e)`.
-fn update_memory(b: &mut GraphBuilder, memory: &str, embedding: &str, base: &str) -> String {
+fn update_memory(
+    b: &mut GraphBuilder,
+    memory: &str,
+    embedding: &str,
+    momentum: f32,
+    base: &str,
+) -> String {
     let rows = b.op(
         "Gather",
         &[memory, INDEX],
         vec![("axis", Attr::Int(0))],
         &format!("{base}/rows"),
     );
-    let m = b.scalar(&format!("{base}/momentum"), MOMENTUM);
-    let one_minus = b.scalar(&format!("{base}/one_minus_momentum"), 1.0 - MOMENTUM);
+    let m = b.scalar(&format!("{base}/momentum"), momentum);
+    let one_minus = b.scalar(&format!("{base}/one_minus_momentum"), 1.0 - momentum);
     let kept = b.mul(&rows, &m, &format!("{base}/kept"));
     let fresh = b.mul(embedding, &one_minus, &format!("{base}/fresh"));
     let mixed = b.add(&kept, &fresh, &format!("{base}/mixed"));

@@ -1,86 +1,82 @@
 //! FSP (flow of solution procedure): Gram matrices between consecutive spatial maps; an init stage.
 
-use super::connector::chw;
-use super::{Connector, LossContext, Method, Side, Stage, TapKind, Weights};
+use super::LossContext;
 use crate::analysis::TensorInfo;
 use crate::error::{Error, Result};
 use crate::onnx::builder::GraphBuilder;
-use crate::plan::TapPair;
+use crate::plan::connector::chw;
+use crate::plan::{
+    Connector, InitStage, MethodSpec, OptionValues, Side, TapKind, TapPair, TrainingStage, Weights,
+    SPEC_DEFAULTS,
+};
 
-pub struct Fsp;
+pub static SPEC: MethodSpec = MethodSpec {
+    id: "fsp",
+    taps: TapKind::AllSpatial,
+    weights: Weights {
+        gamma: 1.0,
+        alpha: 0.0,
+        beta: 50.0,
+    },
+    init_stage: Some(InitStage {
+        epochs: super::INIT_EPOCHS,
+        frozen_in_main: &[],
+    }),
+    remark: Some("two stages: an init stage trains the student's feature layers on the FSP term over consecutive pairs of spatial maps (the larger of each pair pooled); the main stage has CE only"),
+    connectors,
+    ..SPEC_DEFAULTS
+};
 
-impl Method for Fsp {
-    fn id(&self) -> &'static str {
-        "fsp"
+/// FSP compares Gram matrices position by position, so channel counts must agree.
+fn connectors(
+    teacher: &TensorInfo,
+    student: &TensorInfo,
+    _options: &OptionValues,
+) -> Result<Vec<Connector>> {
+    let (t_c, _, _) = chw(teacher)?;
+    let (s_c, _, _) = chw(student)?;
+    if t_c != s_c {
+        return Err(Error::unsupported(format!(
+            "FSP needs equal channel counts at each position, but student `{}` has {s_c} and teacher `{}` has {t_c}; \
+             choose taps with matching channels with --tap, or another method",
+            student.tensor, teacher.tensor
+        )));
     }
+    Ok(Vec::new())
+}
 
-    fn taps(&self) -> TapKind {
-        TapKind::AllSpatial
+/// Init stage: `sum_i mean((G_s,i - G_t,i)^2)` over consecutive spatial maps, with
+/// `G = top bot^T / HW` after pooling the larger of the two to the smaller. No main-stage term.
+pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
+    if ctx.stage == TrainingStage::Main {
+        return Ok(None);
     }
-
-    fn remark(&self) -> Option<&'static str> {
-        Some("two stages: an init stage trains the student's feature layers on the FSP term over consecutive pairs of spatial maps (the larger of each pair pooled); the main stage has CE only")
-    }
-
-    fn weights(&self) -> Weights {
-        Weights {
-            gamma: 1.0,
-            alpha: 0.0,
-            beta: 50.0,
+    let mut terms = Vec::new();
+    for (bottom, top) in pairs.iter().zip(pairs.iter().skip(1)) {
+        let base = ctx.name(&format!("{}_{}", bottom.stage, top.stage));
+        let mut grams = Vec::new();
+        for side in [Side::Student, Side::Teacher] {
+            let (bot_info, top_info) = match side {
+                Side::Student => (&bottom.student, &top.student),
+                Side::Teacher => (&bottom.teacher, &top.teacher),
+            };
+            let bot = ctx.tap(bottom, side);
+            let top_tensor = ctx.tap(top, side);
+            grams.push(flow_matrix(
+                ctx.b,
+                (&bot, bot_info),
+                (&top_tensor, top_info),
+                &format!("{base}/{side}"),
+            )?);
         }
+        terms.push(ctx.b.mse(&grams[0], &grams[1], &format!("{base}/mse")));
     }
-
-    /// FSP compares Gram matrices position by position, so channel counts must agree.
-    fn connectors(&self, teacher: &TensorInfo, student: &TensorInfo) -> Result<Vec<Connector>> {
-        let (t_c, _, _) = chw(teacher)?;
-        let (s_c, _, _) = chw(student)?;
-        if t_c != s_c {
-            return Err(Error::input(format!(
-                "FSP needs equal channel counts at each position, but student `{}` has {s_c} and teacher `{}` has {t_c}; \
-                 choose taps with matching channels with --tap, or another method",
-                student.tensor, teacher.tensor
-            )));
-        }
-        Ok(Vec::new())
+    if terms.is_empty() {
+        return Err(Error::unsupported(
+            "FSP needs at least two spatial maps on each side".to_string(),
+        ));
     }
-
-    fn has_init_stage(&self) -> bool {
-        true
-    }
-
-    /// Init stage: `sum_i mean((G_s,i - G_t,i)^2)` over consecutive spatial maps, with
-    /// `G = top bot^T / HW` after pooling the larger of the two to the smaller. No main-stage term.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
-        if ctx.stage == Stage::Main {
-            return Ok(None);
-        }
-        let mut terms = Vec::new();
-        for (bottom, top) in pairs.iter().zip(pairs.iter().skip(1)) {
-            let base = ctx.name(&format!("{}_{}", bottom.stage, top.stage));
-            let mut grams = Vec::new();
-            for side in [Side::Student, Side::Teacher] {
-                let (bot_info, top_info) = match side {
-                    Side::Student => (&bottom.student, &top.student),
-                    Side::Teacher => (&bottom.teacher, &top.teacher),
-                };
-                let bot = ctx.tap(bottom, side);
-                let top_tensor = ctx.tap(top, side);
-                grams.push(flow_matrix(
-                    ctx.b,
-                    (&bot, bot_info),
-                    (&top_tensor, top_info),
-                    &format!("{base}/{side}"),
-                )?);
-            }
-            terms.push(ctx.b.mse(&grams[0], &grams[1], &format!("{base}/mse")));
-        }
-        if terms.is_empty() {
-            return Err(Error::input(
-                "FSP needs at least two spatial maps on each side".to_string(),
-            ));
-        }
-        Ok(Some(ctx.b.sum_of(&terms, &ctx.name("term"))))
-    }
+    Ok(Some(ctx.b.sum_of(&terms, &ctx.name("term"))))
 }
 
 /// `top bot^T / HW` (B x C_top x C_bot) of two maps of one net, the larger pooled to the smaller.

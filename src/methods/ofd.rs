@@ -1,138 +1,116 @@
 //! OFD (overhaul of feature distillation): partial L2 between connected student and margin-clipped
 //! teacher pre-ReLU maps at every stage end.
 
-use super::connector::{chw, Connector, ConvInit, Layer};
-use super::{LossContext, Method, Side, TapKind, Weights};
+use super::LossContext;
 use crate::analysis::TensorInfo;
 use crate::error::Result;
 use crate::onnx::builder::GraphBuilder;
-use crate::onnx::{pb, proto};
-use crate::plan::TapPair;
+use crate::plan::connector::chw;
+use crate::plan::{
+    Connector, ConvInit, Layer, MethodSpec, OptionValues, Side, TapKind, TapPair, Weights,
+    SPEC_DEFAULTS,
+};
 
-pub struct Ofd;
+pub static SPEC: MethodSpec = MethodSpec {
+    id: "ofd",
+    taps: TapKind::StageEndsPreRelu,
+    weights: Weights {
+        gamma: 1.0,
+        alpha: 0.0,
+        beta: 1.0 / 1000.0,
+    },
+    pools: true,
+    remark: Some("the term is the stage-weighted sum (last stage weight 1, each earlier half) divided by the batch size, with teacher maps clipped at margins from the teacher's BatchNorm"),
+    connectors,
+    pair_note: Some(margin_note),
+    ..SPEC_DEFAULTS
+};
 
-impl Method for Ofd {
-    fn id(&self) -> &'static str {
-        "ofd"
-    }
-
-    fn remark(&self) -> Option<&'static str> {
-        Some("the term is the stage-weighted sum (last stage weight 1, each earlier half) divided by the batch size, with teacher maps clipped at margins from the teacher's BatchNorm")
-    }
-
-    fn taps(&self) -> TapKind {
-        TapKind::StageEndsPreRelu
-    }
-
-    fn weights(&self) -> Weights {
-        Weights {
-            gamma: 1.0,
-            alpha: 0.0,
-            beta: 1.0 / 1000.0,
-        }
-    }
-
-    fn pools(&self) -> bool {
-        true
-    }
-
-    /// conv1x1 (no bias, weight ~ N(0, 2/t_C)) + BN to the teacher's channels.
-    fn connectors(&self, teacher: &TensorInfo, student: &TensorInfo) -> Result<Vec<Connector>> {
-        let (t_c, _, _) = chw(teacher)?;
-        let (s_c, _, _) = chw(student)?;
-        let conv = Layer::Conv {
-            in_channels: s_c,
-            out_channels: t_c,
-            kernel: [1, 1],
-            stride: 1,
-            pad: 0,
-            bias: false,
-            init: ConvInit::HeOut,
-        };
-        Ok(vec![Connector {
-            name: "connector",
-            side: Side::Student,
-            layers: vec![conv, Layer::BatchNorm { channels: t_c }],
-        }])
-    }
-
-    /// `sum_i L_i / 2^(n-i-1) / B` with `L_i = sum((s - t')^2 * 1{s > t' or t' > 0})`, `t' = max(t, margin)`.
-    fn build(&self, ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
-        let n = pairs.len();
-        let mut terms = Vec::new();
-        for (i, pair) in pairs.iter().enumerate() {
-            let s = ctx.tap(pair, Side::Student);
-            let t = ctx.tap(pair, Side::Teacher);
-            let base = ctx.name(&pair.stage);
-            let margin = match batchnorm_margins(ctx.teacher_graph, &pair.teacher.tensor) {
-                Some((bn, margins)) => {
-                    ctx.notes.push(format!(
-                        "ofd {}: margins from the teacher's BatchNorm `{bn}`",
-                        pair.stage
-                    ));
-                    ctx.b.const_f32(
-                        &format!("{base}/margin"),
-                        &[1, margins.len() as i64, 1, 1],
-                        &margins,
-                    )
-                }
-                None => {
-                    ctx.notes.push(format!(
-                        "ofd {}: no BatchNorm feeds teacher `{}` (folded at export?): margins are the batch's mean negative response per channel",
-                        pair.stage, pair.teacher.tensor
-                    ));
-                    batch_margins(ctx.b, &t, &base)
-                }
-            };
-            let b = &mut *ctx.b;
-            let clipped = b.binary("Max", &t, &margin, &format!("{base}/teacher_clipped"));
-            let above = b.binary("Greater", &s, &clipped, &format!("{base}/student_above"));
-            let zero = b.scalar(&format!("{base}/zero"), 0.0);
-            let positive = b.binary(
-                "Greater",
-                &clipped,
-                &zero,
-                &format!("{base}/teacher_positive"),
-            );
-            let either = b.binary("Or", &above, &positive, &format!("{base}/counted"));
-            let mask = b.mask(&either, &format!("{base}/mask"));
-            let diff = b.sub(&s, &clipped, &format!("{base}/diff"));
-            let squared = b.square(&diff, &format!("{base}/squared"));
-            let masked = b.mul(&squared, &mask, &format!("{base}/masked"));
-            let total = b.sum_all(&masked, &format!("{base}/sum"));
-            let weight = b.scalar(
-                &format!("{base}/stage_weight"),
-                0.5f32.powi((n - i - 1) as i32),
-            );
-            terms.push(b.mul(&total, &weight, &format!("{base}/weighted")));
-        }
-        Ok(Some(ctx.per_sample_sum(&terms)))
-    }
+/// conv1x1 (no bias, weight ~ N(0, 2/t_C)) + BN to the teacher's channels.
+fn connectors(
+    teacher: &TensorInfo,
+    student: &TensorInfo,
+    _options: &OptionValues,
+) -> Result<Vec<Connector>> {
+    let (t_c, _, _) = chw(teacher)?;
+    let (s_c, _, _) = chw(student)?;
+    let conv = Layer::Conv {
+        in_channels: s_c,
+        out_channels: t_c,
+        kernel: [1, 1],
+        stride: 1,
+        pad: 0,
+        bias: false,
+        init: ConvInit::HeOut,
+    };
+    Ok(vec![Connector {
+        name: "connector",
+        side: Side::Student,
+        layers: vec![conv, Layer::BatchNorm { channels: t_c }],
+    }])
 }
 
-/// The BatchNorm whose output is (or is added into) the teacher's pre-ReLU tensor, and the margin
-/// per channel from its (gamma, beta): E[x | x < 0] for x ~ N(beta, gamma^2).
-fn batchnorm_margins(graph: &pb::GraphProto, pre_relu: &str) -> Option<(String, Vec<f32>)> {
-    let producer = |t: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == t));
-    let node = producer(pre_relu)?;
-    let bn = match node.op_type.as_str() {
-        "BatchNormalization" => node,
-        "Add" => node
-            .input
-            .iter()
-            .filter_map(|i| producer(i))
-            .find(|n| n.op_type == "BatchNormalization")?,
-        _ => return None,
-    };
-    let initializers = proto::initializers(graph);
-    let gamma = proto::float_values(initializers.get(bn.input.get(1)?.as_str())?)?;
-    let beta = proto::float_values(initializers.get(bn.input.get(2)?.as_str())?)?;
-    let margins = gamma
-        .iter()
-        .zip(&beta)
-        .map(|(&g, &b)| margin(g as f64, b as f64) as f32)
-        .collect();
-    Some((bn.name.clone(), margins))
+/// `sum_i L_i / 2^(n-i-1) / B` with `L_i = sum((s - t')^2 * 1{s > t' or t' > 0})`, `t' = max(t, margin)`.
+pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>> {
+    let n = pairs.len();
+    let mut terms = Vec::new();
+    for (i, pair) in pairs.iter().enumerate() {
+        let s = ctx.tap(pair, Side::Student);
+        let t = ctx.tap(pair, Side::Teacher);
+        let base = ctx.name(&pair.stage);
+        let margin = match &pair.teacher_batchnorm {
+            Some(bn) => {
+                let margins: Vec<f32> = bn
+                    .gamma
+                    .iter()
+                    .zip(&bn.beta)
+                    .map(|(&g, &b)| margin(g as f64, b as f64) as f32)
+                    .collect();
+                ctx.b.const_f32(
+                    &format!("{base}/margin"),
+                    &[1, margins.len() as i64, 1, 1],
+                    &margins,
+                )
+            }
+            None => batch_margins(ctx.b, &t, &base),
+        };
+        let b = &mut *ctx.b;
+        let clipped = b.binary("Max", &t, &margin, &format!("{base}/teacher_clipped"));
+        let above = b.binary("Greater", &s, &clipped, &format!("{base}/student_above"));
+        let zero = b.scalar(&format!("{base}/zero"), 0.0);
+        let positive = b.binary(
+            "Greater",
+            &clipped,
+            &zero,
+            &format!("{base}/teacher_positive"),
+        );
+        let either = b.binary("Or", &above, &positive, &format!("{base}/counted"));
+        let mask = b.mask(&either, &format!("{base}/mask"));
+        let diff = b.sub(&s, &clipped, &format!("{base}/diff"));
+        let squared = b.square(&diff, &format!("{base}/squared"));
+        let masked = b.mul(&squared, &mask, &format!("{base}/masked"));
+        let total = b.sum_all(&masked, &format!("{base}/sum"));
+        let weight = b.scalar(
+            &format!("{base}/stage_weight"),
+            0.5f32.powi((n - i - 1) as i32),
+        );
+        terms.push(b.mul(&total, &weight, &format!("{base}/weighted")));
+    }
+    Ok(Some(ctx.per_sample_sum(&terms)))
+}
+
+/// Where a pair's margins come from, for the report.
+fn margin_note(pair: &TapPair) -> Option<String> {
+    Some(match &pair.teacher_batchnorm {
+        Some(bn) => format!(
+            "ofd {}: margins from the teacher's BatchNorm `{}`",
+            pair.stage, bn.node
+        ),
+        None => format!(
+            "ofd {}: no BatchNorm feeds teacher `{}` (folded at export?): margins are the batch's mean negative response per channel",
+            pair.stage, pair.teacher.tensor
+        ),
+    })
 }
 
 /// `m - s * phi(m/s) / Phi(-m/s)` if `Phi(-m/s) > 0.001`, else `-3s`, with `s = |gamma|`, `m = beta`.

@@ -47,7 +47,7 @@ pub fn fold_batchnorm(
             .map(|n| initializers.get(n).and_then(proto::float_values))
             .collect();
         let Some(params) = params else {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{model}`: BatchNormalization `{}` has parameters that are not float constants; the teacher's BN cannot be folded",
                 bn.name
             )));
@@ -84,7 +84,9 @@ pub fn fold_batchnorm(
         if let Some(c) = conv {
             let conv_node = &mut graph.node[c];
             // Folded values get names of their own: a tensor keeps its name only with its values.
-            let weight = initializers.get(&conv_node.input[1]).expect("checked above");
+            let weight = initializers
+                .get(&conv_node.input[1])
+                .expect("checked above");
             let mut values = proto::float_values(weight).unwrap_or_default();
             let per_channel = values.len() / scale.len().max(1);
             for (o, chunk) in values.chunks_mut(per_channel.max(1)).enumerate() {
@@ -322,7 +324,7 @@ pub fn topological_sort(graph: &mut pb::GraphProto) -> Result<()> {
             .find(|&i| pending[i] > 0)
             .map(|i| super::proto::node_label(&graph.node[i]))
             .unwrap_or_default();
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "the graph has a cycle through node `{stuck}`; it is not a valid ONNX graph"
         )));
     }

@@ -41,18 +41,18 @@ const EXTERNAL_THRESHOLD: usize = 1024;
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
     let shown = path.display();
     let meta = fs::metadata(path).map_err(|e| {
-        Error::input(format!(
+        Error::io(format!(
             "cannot read `{shown}`: {}; check the path",
             io_reason(&e)
         ))
     })?;
     if meta.is_dir() {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "`{shown}` is a directory, not an ONNX model; pass the .onnx file inside it"
         )));
     }
     let bytes = fs::read(path)
-        .map_err(|e| Error::input(format!("cannot read `{shown}`: {}", io_reason(&e))))?;
+        .map_err(|e| Error::io(format!("cannot read `{shown}`: {}", io_reason(&e))))?;
     decode_model(&bytes, path)
 }
 
@@ -60,12 +60,12 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
 pub fn decode_model(bytes: &[u8], path: &Path) -> Result<LoadedModel> {
     let shown = path.display();
     if bytes.is_empty() {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "`{shown}` is empty; export the model again (torch.onnx.export)"
         )));
     }
     let mut proto = pb::ModelProto::decode(bytes).map_err(|e| {
-        Error::input(format!(
+        Error::invalid_model(format!(
             "`{shown}` is not a readable ONNX model (protobuf decoding failed: {e}); \
              the file may be truncated or of another format: export it again"
         ))
@@ -73,12 +73,12 @@ pub fn decode_model(bytes: &[u8], path: &Path) -> Result<LoadedModel> {
     let graph = match proto.graph.as_mut() {
         Some(g) if !g.node.is_empty() => g,
         Some(_) => {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{shown}` has a graph with no nodes; is it really an exported network?"
             )))
         }
         None => {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
             "`{shown}` holds no graph (not an ONNX model, or an empty one); export the model again"
         )))
         }
@@ -127,7 +127,7 @@ fn resolve_external(
     };
     let name = &tensor.name;
     let location = entry("location").ok_or_else(|| {
-        Error::input(format!(
+        Error::invalid_model(format!(
             "`{model}`: external tensor `{name}` has no location"
         ))
     })?;
@@ -137,7 +137,7 @@ fn resolve_external(
             .components()
             .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
     {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "`{model}`: tensor `{name}` points at external data `{location}` outside the model's folder; \
              keep the data file next to the model and save it with a relative location"
         )));
@@ -146,7 +146,7 @@ fn resolve_external(
         entry(key)
             .map(|v| {
                 v.parse::<u64>().map_err(|_| {
-                    Error::input(format!(
+                    Error::invalid_model(format!(
                         "`{model}`: tensor `{name}` has a bad external-data {key} `{v}`"
                     ))
                 })
@@ -157,14 +157,14 @@ fn resolve_external(
     let length = number("length")?;
     let file = dir.join(relative);
     if fs::symlink_metadata(&file).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "`{model}`: external data `{location}` of tensor `{name}` is a symbolic link (it may point outside the model's folder); \
              keep the data file itself next to the model"
         )));
     }
     if !side_files.contains_key(&file) {
         let bytes = fs::read(&file).map_err(|e| {
-            Error::input(format!(
+            Error::io(format!(
                 "`{model}`: external data file `{}` of tensor `{name}`: {}; copy it next to the model",
                 file.display(),
                 io_reason(&e)
@@ -181,7 +181,7 @@ fn resolve_external(
         .checked_add(length)
         .filter(|&end| end <= data.len() as u64)
         .ok_or_else(|| {
-            Error::input(format!(
+            Error::invalid_model(format!(
             "`{model}`: external data file `{}` is shorter ({} bytes) than tensor `{name}` needs \
              (offset {offset} + length {length}); the file is truncated: save the model again",
             file.display(),
@@ -190,7 +190,7 @@ fn resolve_external(
         })?;
     if let Some(expected) = expected {
         if expected as u64 != length {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{model}`: tensor `{name}` declares {length} bytes of external data but its shape needs {expected}"
             )));
         }
@@ -292,7 +292,7 @@ impl AtomicWrite {
         };
         if let Err(e) = write() {
             let _ = fs::remove_file(&temp);
-            return Err(Error::input(format!(
+            return Err(Error::io(format!(
                 "cannot write `{}`: {}",
                 path.display(),
                 io_reason(&e)
@@ -313,7 +313,7 @@ impl AtomicWrite {
             .map(Path::to_path_buf);
         while let Some((temp, path)) = self.staged.first().cloned() {
             fs::rename(&temp, &path).map_err(|e| {
-                Error::input(format!(
+                Error::io(format!(
                     "cannot write `{}`: {}",
                     path.display(),
                     io_reason(&e)
@@ -375,7 +375,7 @@ pub fn encode_model(mut proto: pb::ModelProto, path: &Path) -> Result<Vec<(PathB
             }
         }
         if proto.encoded_len() > PROTOBUF_LIMIT {
-            return Err(Error::input(format!(
+            return Err(Error::unsupported(format!(
                 "`{}` would exceed the 2 GB protobuf limit even with its weights in external data",
                 path.display()
             )));

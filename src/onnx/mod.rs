@@ -5,6 +5,7 @@ pub mod builder;
 pub mod edit;
 pub mod io;
 pub mod normalize;
+pub mod prepare;
 pub mod proto;
 pub mod validate;
 

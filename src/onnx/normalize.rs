@@ -36,7 +36,7 @@ pub fn inference_batchnorm(graph: &mut pb::GraphProto, model: &str) -> Result<Ve
             .skip(1)
             .find(|o| !o.is_empty() && read.contains(*o))
         {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{model}`: BatchNormalization `{}` feeds its running statistic `{used}` to other nodes; \
                  export the model without reading running statistics",
                 node.name
@@ -90,7 +90,7 @@ pub fn fix_input_shape(graph: &mut pb::GraphProto, dims: &[i64], model: &str) ->
         .iter_mut()
         .find(|i| !initializers.contains(i.name.as_str()))
     else {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "`{model}` has no graph input to give --input-shape to"
         )));
     };
@@ -98,7 +98,7 @@ pub fn fix_input_shape(graph: &mut pb::GraphProto, dims: &[i64], model: &str) ->
     let shape = match input.r#type.as_mut().and_then(|t| t.value.as_mut()) {
         Some(pb::type_proto::Value::TensorType(t)) => t.shape.get_or_insert_with(Default::default),
         None => {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{model}`: input `{name}` has no tensor type"
             )))
         }
@@ -137,7 +137,7 @@ pub fn inference_dropout(graph: &mut pb::GraphProto, model: &str) -> Result<()> 
             .get(1)
             .filter(|m| !m.is_empty() && read.contains(*m))
         {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{model}`: Dropout `{}` feeds its mask `{mask}` to other nodes; export the teacher in eval mode",
                 node.name
             )));

@@ -17,11 +17,6 @@ pub fn node_label(node: &pb::NodeProto) -> String {
     }
 }
 
-/// An integer attribute of a node, if present.
-pub fn attr_int(node: &pb::NodeProto, name: &str) -> Option<i64> {
-    node.attribute.iter().find(|a| a.name == name).map(|a| a.i)
-}
-
 /// An integer-list attribute of a node, if present.
 pub fn attr_ints<'a>(node: &'a pb::NodeProto, name: &str) -> Option<&'a [i64]> {
     node.attribute
@@ -127,7 +122,11 @@ pub fn check_tensor_size(tensor: &pb::TensorProto) -> std::result::Result<(), St
         .iter()
         .filter(|&&d| d > 0)
         .try_fold(1i64, |acc, &d| acc.checked_mul(d));
-    let limit = if tensor.dims.contains(&0) { MAX_EMPTY_EXTENT } else { MAX_ELEMENTS };
+    let limit = if tensor.dims.contains(&0) {
+        MAX_EMPTY_EXTENT
+    } else {
+        MAX_ELEMENTS
+    };
     if nonzero.is_none_or(|n| n > limit) {
         return Err(format!(
             "declares dims {:?}, beyond any real network's",

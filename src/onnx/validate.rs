@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 /// topological order (a cycle is an error).
 pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str) -> Result<()> {
     if proto::onnx_opset(model) == 0 {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "`{shown}` imports no ai.onnx opset; the file is damaged or not a network: export it again"
         )));
     }
@@ -18,7 +18,7 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
     if let Some(half) = graph.initializer.iter().find(|t| {
         t.data_type == DataType::Float16 as i32 || t.data_type == DataType::Bfloat16 as i32
     }) {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "`{shown}` stores weight `{}` as {}; kdgraph builds float32 training graphs: export the model in float32 (model.float())",
             half.name,
             proto::dtype_name(half.data_type)
@@ -26,7 +26,7 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
     }
     for tensor in &graph.initializer {
         proto::check_tensor_size(tensor).map_err(|why| {
-            Error::input(format!(
+            Error::invalid_model(format!(
                 "`{shown}`: initializer `{}` {why}; the file is damaged: export it again",
                 tensor.name
             ))
@@ -35,7 +35,7 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
     for node in &graph.node {
         for tensor in node.attribute.iter().filter_map(|a| a.t.as_ref()) {
             proto::check_tensor_size(tensor).map_err(|why| {
-                Error::input(format!(
+                Error::invalid_model(format!(
                     "`{shown}`: the tensor attribute of node `{}` {why}; the file is damaged",
                     proto::node_label(node)
                 ))
@@ -49,7 +49,7 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
     for node in &graph.node {
         let node_name = proto::node_label(node);
         if !node.domain.is_empty() && node.domain != "ai.onnx" {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{shown}`: node `{node_name}` uses op `{}` of the custom domain `{}`; kdgraph reads standard ONNX ops only: \
                  export without custom ops",
                 node.op_type, node.domain
@@ -60,21 +60,21 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
             .iter()
             .any(|a| a.g.is_some() || !a.graphs.is_empty())
         {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{shown}`: node `{node_name}` ({}) holds a subgraph; control flow (If, Loop, Scan) is not supported: \
                  export the network without data-dependent control flow",
                 node.op_type
             )));
         }
         if !known.0.contains_key(&node.op_type) {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{shown}`: node `{node_name}` uses op `{}`, which kdgraph cannot analyse; export with standard ops",
                 node.op_type
             )));
         }
         for output in node.output.iter().filter(|o| !o.is_empty()) {
             if !produced.insert(output.as_str()) {
-                return Err(Error::input(format!(
+                return Err(Error::invalid_model(format!(
                     "`{shown}`: tensor `{output}` is produced twice (again by node `{node_name}`); tensor names must be unique"
                 )));
             }
@@ -86,7 +86,7 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
             .iter()
             .find(|i| !i.is_empty() && !produced.contains(i.as_str()))
         {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{shown}`: node `{}` reads `{missing}`, which no node, initializer or input produces; the graph is broken: export it again",
                 proto::node_label(node)
             )));
@@ -97,12 +97,12 @@ pub fn validate(graph: &mut pb::GraphProto, model: &pb::ModelProto, shown: &str)
         .iter()
         .find(|o| !produced.contains(o.name.as_str()))
     {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "`{shown}`: graph output `{}` is produced by no node",
             missing.name
         )));
     }
-    edit::topological_sort(graph).map_err(|e| Error::input(format!("`{shown}`: {e}")))
+    edit::topological_sort(graph).map_err(|e| Error::invalid_model(format!("`{shown}`: {e}")))
 }
 
 /// The least rank of input 0 of ops whose shape rules in tract index the channel axis unchecked.
@@ -142,7 +142,7 @@ fn check_input_ranks(graph: &pb::GraphProto, shown: &str) -> Result<()> {
             continue;
         };
         if let Some(&rank) = ranks.get(x.as_str()).filter(|&&r| r < least) {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "`{shown}`: node `{}` ({}) reads `{x}` of rank {rank}, but needs rank {least} or more; the graph is broken: export it again",
                 proto::node_label(node), node.op_type
             )));

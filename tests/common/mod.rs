@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use kdgraph::onnx::pb;
+use kdgraph::pb;
 use prost::Message;
 
 /// The repository root: fixtures and snapshots are found from here, and commands run here by default.
@@ -53,42 +53,56 @@ impl Run {
     /// line on stderr, `error: ...`, that contains every one of `names`; and did not panic.
     /// Returns that line.
     pub fn error(&self, code: i32, names: &[&str]) -> &str {
-        assert!(
-            !self.stderr.contains("panicked"),
-            "`{}` panicked:\n{}",
-            self.command,
-            self.stderr
-        );
-        assert_eq!(
-            self.code,
-            Some(code),
-            "`{}` should exit with {code}; stdout:\n{}\nstderr:\n{}",
-            self.command,
-            self.stdout,
-            self.stderr
-        );
+        error_line(self, code, names);
         assert!(
             self.stdout.is_empty(),
             "`{}` failed but printed on stdout:\n{}",
             self.command,
             self.stdout
         );
-        let line = self.stderr.strip_suffix('\n').unwrap_or(&self.stderr);
-        assert!(
-            line.starts_with("error: ") && !line.contains('\n'),
-            "`{}` should print a single `error: ...` line on stderr, printed:\n{}",
-            self.command,
-            self.stderr
-        );
-        for name in names {
-            assert!(
-                line.contains(name),
-                "`{}`: the message should name `{name}`:\n{line}",
-                self.command
-            );
-        }
-        line
+        self.stderr.strip_suffix('\n').unwrap_or(&self.stderr)
     }
+}
+
+/// Fails unless `run` ended in exactly one `error: ...` line on stderr, exit `code`, no panic,
+/// and the line names each of `names`. Merge may print its plan on stdout before a write fails,
+/// but never claims to have written anything. Returns the line.
+pub fn error_line(run: &Run, code: i32, names: &[&str]) -> String {
+    assert!(
+        !run.stderr.contains("panicked"),
+        "`{}` panicked:\n{}",
+        run.command,
+        run.stderr
+    );
+    assert_eq!(
+        run.code,
+        Some(code),
+        "`{}` should exit with {code}; stdout:\n{}\nstderr:\n{}",
+        run.command,
+        run.stdout,
+        run.stderr
+    );
+    let line = run.stderr.strip_suffix('\n').unwrap_or(&run.stderr);
+    assert!(
+        line.starts_with("error: ") && !line.contains('\n'),
+        "`{}` should print one `error: ...` line on stderr, printed:\n{}",
+        run.command,
+        run.stderr
+    );
+    assert!(
+        !run.stdout.contains("wrote "),
+        "`{}` failed but says it wrote files:\n{}",
+        run.command,
+        run.stdout
+    );
+    for name in names {
+        assert!(
+            line.contains(name),
+            "`{}`: the message should name `{name}`:\n{line}",
+            run.command
+        );
+    }
+    line.to_string()
 }
 
 /// Runs `kdgraph ARGS` in `dir`.

@@ -1,5 +1,9 @@
 //! Pairing teacher and student taps for the chosen methods: a plain value that the dry-run report
-//! renders and the graph builder consumes.
+//! renders and the graph builder consumes. The plain types shared by the planner, the methods and
+//! the builder (specs, connectors, pairs, hyper-parameters, roles) live here, below them all.
+
+pub mod connector;
+pub mod spec;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,55 +11,136 @@ use std::fmt;
 use serde::{Serialize, Serializer};
 
 use crate::analysis::shapes::fixed;
-use crate::analysis::{show_shape, ModelAnalysis, Stage, TensorInfo};
+use crate::analysis::{
+    show_shape, BatchNormParams, ModelAnalysis, NetworkStage, Shape, TensorInfo,
+};
 use crate::error::{Error, Result};
-use crate::methods::{registry, Connector, MethodName, Side, TapKind};
 use crate::suggest::nearest;
-
-/// The most training samples CRD's memory banks are built for (2^24: 2 x 8 GiB of float32).
-const MAX_CRD_SAMPLES: i64 = 1 << 24;
+pub use connector::{Connector, ConvInit, Layer, Side};
+pub use spec::{
+    InitStage, MethodName, MethodSpec, OptionSpec, OptionValue, OptionValues, TapKind, Weights, KD,
+    SPEC_DEFAULTS,
+};
 
 /// What the user asked for, before any model is looked at.
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
-    pub methods: Vec<MethodName>,
+    /// Method ids as typed (`kd`, `at`, ...).
+    pub methods: Vec<String>,
     /// `--tap TEACHER=STUDENT` pairs that replace the automatic pairing of feature methods.
     pub taps: Vec<(String, String)>,
     pub gamma: Option<f64>,
     pub alpha: Option<f64>,
     /// `--beta B` (None: every method) or `--beta METHOD=B`.
-    pub betas: Vec<(Option<MethodName>, f64)>,
+    pub betas: Vec<(Option<String>, f64)>,
     pub temperature: f64,
-    /// CRD: the number of training samples (the memory size) and of negatives per sample.
-    pub crd_n_data: Option<i64>,
-    pub crd_negatives: i64,
+    /// Method options given on the command line, by flag (`crd-n-data`).
+    pub method_options: Vec<(String, OptionValue)>,
     /// OFD: run the teacher's BatchNorms on batch statistics (as the reference) instead of folding them.
     pub teacher_batch_statistics: bool,
     /// Sizes of the image input besides the batch, for models exported with symbolic H and W.
     pub input_shape: Option<Vec<i64>>,
 }
 
-/// The weights of the total loss `gamma * CE + alpha * KD_T + sum beta_m * L_m`.
+/// The weights of the total loss `gamma * CE + alpha * KD_T + sum beta_m * L_m`, and every
+/// method's options (serialised as `"<method>": {...}` beside the weights).
 #[derive(Debug, Clone, Serialize)]
 pub struct Hyper {
     pub gamma: f64,
     pub alpha: f64,
     pub temperature: f64,
     pub beta: BTreeMap<MethodName, f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub crd: Option<CrdHyper>,
+    #[serde(flatten, serialize_with = "ordered_map")]
+    pub options: Vec<(MethodName, OptionValues)>,
     /// The teacher's BatchNorms run on batch statistics instead of being folded.
     pub teacher_batch_statistics: bool,
 }
 
-/// CRD's hyper-parameters (RepDistiller defaults but for the data set size).
-#[derive(Debug, Clone, Serialize)]
-pub struct CrdHyper {
-    pub n_data: i64,
-    pub negatives: i64,
-    pub feat_dim: i64,
-    pub temperature: f64,
-    pub momentum: f64,
+impl Hyper {
+    /// The value of a method's option, or the usage error that says how to give it.
+    pub fn option(&self, method: MethodName, key: &str) -> Result<OptionValue> {
+        self.options
+            .iter()
+            .find(|(m, _)| *m == method)
+            .and_then(|(_, values)| values.iter().find(|(k, _)| *k == key))
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let spec = method.spec().options.iter().find(|o| o.key == key);
+                Error::usage(match spec {
+                    Some(o) => missing_option(method, o),
+                    None => format!("{method} has no option `{key}`"),
+                })
+            })
+    }
+}
+
+/// `<method> needs --<flag> <VALUE>, <help>`.
+pub fn missing_option(method: MethodName, option: &OptionSpec) -> String {
+    format!(
+        "{method} needs --{} {}, {}",
+        option.flag, option.value_name, option.help
+    )
+}
+
+/// `{"crd": {"n_data": ..., ...}}` in the methods' and the options' own order.
+fn ordered_map<S: Serializer>(
+    entries: &[(MethodName, OptionValues)],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    struct Values<'a>(&'a OptionValues);
+    impl Serialize for Values<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+        }
+    }
+    s.collect_map(entries.iter().map(|(m, v)| (m, Values(v))))
+}
+
+/// The training stage a graph is built for: the init stage of AB, FSP and FT, or the main one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainingStage {
+    Init,
+    Main,
+}
+
+impl TrainingStage {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainingStage::Init => "init",
+            TrainingStage::Main => "main",
+        }
+    }
+}
+
+/// A graph input or output and what it is for, in the sidecar.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Role {
+    pub name: String,
+    pub role: String,
+    pub dtype: String,
+    pub shape: Shape,
+    /// For integer inputs that index something (labels, CRD's sample indices): every value
+    /// lies in `0..index_bound`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_bound: Option<i64>,
+}
+
+impl Role {
+    pub fn new(name: &str, role: &str, dtype: &str, shape: Shape) -> Self {
+        Role {
+            name: name.into(),
+            role: role.into(),
+            dtype: dtype.into(),
+            shape,
+            index_bound: None,
+        }
+    }
+
+    /// An integer input whose values index `0..bound`.
+    pub fn indexing(mut self, bound: i64) -> Self {
+        self.index_bound = Some(bound);
+        self
+    }
 }
 
 /// Adaptive average pooling of the larger map of a pair down to the smaller.
@@ -94,6 +179,9 @@ pub struct TapPair {
     pub connector: Option<String>,
     #[serde(skip)]
     pub connectors: Vec<Connector>,
+    /// The BatchNorm that feeds the teacher's tap, for methods that read its parameters (OFD).
+    #[serde(skip)]
+    pub teacher_batchnorm: Option<BatchNormParams>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,26 +201,53 @@ pub struct Plan {
     pub student: ModelAnalysis,
 }
 
-/// Pairs the taps of two analysed models for the chosen methods.
-pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOptions) -> Result<Plan> {
-    let mut methods = options.methods.clone();
-    if methods.is_empty() {
-        return Err(Error::usage("choose at least one --method (kd, fitnet, at, sp, cc, vid, rkd, pkt, ab, ft, fsp, nst, crd, ofd)"));
+/// Pairs the taps of two analysed models for the chosen methods; `known` lists every method
+/// kdgraph has (the registry), against which the options' names are resolved.
+pub fn plan(
+    teacher: ModelAnalysis,
+    student: ModelAnalysis,
+    options: &PlanOptions,
+    known: &[MethodName],
+) -> Result<Plan> {
+    let ids = || {
+        known
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if options.methods.is_empty() {
+        return Err(Error::usage(format!(
+            "choose at least one --method ({})",
+            ids()
+        )));
     }
-    let mut seen = std::collections::HashSet::new();
-    methods.retain(|m| seen.insert(*m));
-    let hyper = hyper_parameters(&methods, options)?;
+    let resolve = |id: &str| -> Result<MethodName> {
+        known
+            .iter()
+            .copied()
+            .find(|m| m.as_str() == id)
+            .ok_or_else(|| Error::usage(format!("`{id}` is not a method ({})", ids())))
+    };
+    let mut methods = Vec::new();
+    for id in &options.methods {
+        let method = resolve(id)?;
+        if !methods.contains(&method) {
+            methods.push(method);
+        }
+    }
+    let hyper = hyper_parameters(&methods, options, &resolve)?;
     let mut notes = Vec::new();
-    if hyper.alpha > 0.0 && !methods.contains(&MethodName::Kd) {
-        methods.push(MethodName::Kd);
+    if hyper.alpha > 0.0 && !methods.iter().any(|m| m.is_kd()) {
+        methods.push(resolve(KD)?);
         notes.push(format!(
             "--alpha {} adds the KD term on the logits",
             hyper.alpha
         ));
     }
-    // KD's term comes first in the graph's outputs, after CE (DESIGN.md).
-    methods.sort_by_key(|m| *m != MethodName::Kd);
-    if methods.contains(&MethodName::Kd) && hyper.alpha == 0.0 {
+    // KD's term comes first in the graph's outputs, after CE.
+    methods.sort_by_key(|m| !m.is_kd());
+    if methods.iter().any(|m| m.is_kd()) && hyper.alpha == 0.0 {
         notes.push("--alpha 0 gives the KD term no weight: loss/kd is computed and reported but does not train".into());
     }
     check_inputs(&teacher, &student)?;
@@ -153,14 +268,21 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
             student.model
         ));
     }
-    if methods.contains(&MethodName::Crd) && hyper.crd.is_none() {
-        warnings.push("crd: writing the graph needs --crd-n-data N, the number of training samples (the size of the memory banks)".into());
+    for &method in &methods {
+        for option in method.spec().options {
+            if hyper.option(method, option.key).is_err() {
+                warnings.push(format!(
+                    "{method}: writing the graph needs --{} {}, {}",
+                    option.flag, option.value_name, option.help
+                ));
+            }
+        }
     }
     let overrides = resolve_taps(&teacher, &student, &options.taps)?;
     let mut pairs = Vec::new();
     for &method in &methods {
-        let spec = registry(method);
-        let candidates = match (&overrides, spec.taps()) {
+        let spec = method.spec();
+        let candidates = match (&overrides, spec.taps) {
             (Some(_), TapKind::Logits) => {
                 notes.push("--tap does not apply to KD, which always compares the logits".into());
                 vec![logits_pair(&teacher, &student)?]
@@ -172,9 +294,15 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
             }
             (None, kind) => automatic_pairs(&teacher, &student, kind, method, &mut notes)?,
         };
+        let values = hyper
+            .options
+            .iter()
+            .find(|(m, _)| *m == method)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
         for (stage, t, s) in candidates {
-            let connectors = spec.connectors(&t, &s)?;
-            let pool = if spec.pools() { pool_for(&t, &s) } else { None };
+            let connectors = (spec.connectors)(&t, &s, &values)?;
+            let pool = if spec.pools { pool_for(&t, &s) } else { None };
             let connector = (!connectors.is_empty()).then(|| {
                 connectors
                     .iter()
@@ -182,15 +310,20 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
                     .collect::<Vec<_>>()
                     .join("; ")
             });
-            pairs.push(TapPair {
+            let pair = TapPair {
                 method,
                 stage,
+                teacher_batchnorm: teacher.batchnorm_feeding(&t.tensor).cloned(),
                 teacher: t,
                 student: s,
                 pool,
                 connector,
                 connectors,
-            });
+            };
+            if let Some(note) = spec.pair_note.and_then(|note| note(&pair)) {
+                notes.push(note);
+            }
+            pairs.push(pair);
         }
     }
     Ok(Plan {
@@ -206,26 +339,27 @@ pub fn plan(teacher: ModelAnalysis, student: ModelAnalysis, options: &PlanOption
     })
 }
 
-fn hyper_parameters(methods: &[MethodName], options: &PlanOptions) -> Result<Hyper> {
-    let base = registry(if methods.contains(&MethodName::Kd) {
-        MethodName::Kd
-    } else {
-        methods[0]
-    })
-    .weights();
+fn hyper_parameters(
+    methods: &[MethodName],
+    options: &PlanOptions,
+    resolve: &dyn Fn(&str) -> Result<MethodName>,
+) -> Result<Hyper> {
+    let base = methods
+        .iter()
+        .find(|m| m.is_kd())
+        .unwrap_or(&methods[0])
+        .spec()
+        .weights;
     let gamma = options.gamma.unwrap_or(base.gamma);
     let alpha = options.alpha.unwrap_or(base.alpha);
-    let feature_methods: Vec<MethodName> = methods
-        .iter()
-        .copied()
-        .filter(|m| *m != MethodName::Kd)
-        .collect();
+    let feature_methods: Vec<MethodName> = methods.iter().copied().filter(|m| !m.is_kd()).collect();
     let mut beta: BTreeMap<MethodName, f64> = feature_methods
         .iter()
-        .map(|&m| (m, registry(m).weights().beta))
+        .map(|&m| (m, m.spec().weights.beta))
         .collect();
-    for &(method, value) in &options.betas {
-        match method {
+    for (method, value) in &options.betas {
+        let value = *value;
+        match method.as_deref().map(resolve).transpose()? {
             Some(m) if !beta.contains_key(&m) => {
                 return Err(Error::usage(format!(
                     "--beta {m}={value}: {m} is not among the chosen feature methods"
@@ -259,45 +393,67 @@ fn hyper_parameters(methods: &[MethodName], options: &PlanOptions) -> Result<Hyp
             options.temperature
         )));
     }
-    let crd = match options
-        .crd_n_data
-        .filter(|_| methods.contains(&MethodName::Crd))
-    {
-        Some(n_data) => {
-            let negatives = options.crd_negatives;
-            if !(2..=MAX_CRD_SAMPLES).contains(&n_data) {
-                return Err(Error::usage(format!(
-                "--crd-n-data {n_data}: the memory banks hold one 128-float row per sample; give the training set's size (2 to {MAX_CRD_SAMPLES})"
-            )));
-            }
-            if negatives < 1 || negatives >= n_data {
-                return Err(Error::usage(format!(
-                "--crd-negatives {negatives} must be at least 1 and smaller than --crd-n-data {n_data} (negatives are other samples)"
-            )));
-            }
-            Some(CrdHyper {
-                n_data,
-                negatives,
-                feat_dim: crate::methods::crd::EMBED_DIM,
-                temperature: 0.07,
-                momentum: 0.5,
-            })
-        }
-        None => None,
-    };
     Ok(Hyper {
         gamma,
         alpha,
         temperature: options.temperature,
         beta,
-        crd,
+        options: method_options(methods, &options.method_options)?,
         teacher_batch_statistics: options.teacher_batch_statistics,
     })
 }
 
+/// Each chosen method's options: given, else default; checked against their ranges and the
+/// method's own cross-checks. An option of a method that was not chosen is an error.
+fn method_options(
+    methods: &[MethodName],
+    given: &[(String, OptionValue)],
+) -> Result<Vec<(MethodName, OptionValues)>> {
+    for (flag, _) in given {
+        if !methods
+            .iter()
+            .any(|m| m.spec().options.iter().any(|o| o.flag == flag))
+        {
+            return Err(Error::usage(format!(
+                "--{flag} is an option of a method that was not chosen; add that --method or drop the option"
+            )));
+        }
+    }
+    let mut all = Vec::new();
+    for &method in methods {
+        let spec = method.spec();
+        if spec.options.is_empty() {
+            continue;
+        }
+        let mut values = OptionValues::new();
+        for option in spec.options {
+            let value = given
+                .iter()
+                .rev()
+                .find(|(flag, _)| flag == option.flag)
+                .map(|(_, v)| *v)
+                .or(option.default);
+            let Some(value) = value else { continue };
+            let v = value.as_f64();
+            if !(v.is_finite() && option.min <= v && v <= option.max) {
+                return Err(Error::usage(format!(
+                    "--{} {value}: must be from {} to {} ({})",
+                    option.flag, option.min, option.max, option.help
+                )));
+            }
+            values.push((option.key, value));
+        }
+        if let Some(check) = spec.check_options {
+            check(&values)?;
+        }
+        all.push((method, values));
+    }
+    Ok(all)
+}
+
 fn check_inputs(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<()> {
     if teacher.inputs.len() != student.inputs.len() {
-        return Err(Error::input(format!(
+        return Err(Error::invalid_model(format!(
             "teacher `{}` has {} inputs and student `{}` has {}; both must read the same images",
             teacher.model,
             teacher.inputs.len(),
@@ -315,7 +471,7 @@ fn check_inputs(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<()> 
                     _ => true,
                 });
         if !compatible {
-            return Err(Error::input(format!(
+            return Err(Error::invalid_model(format!(
                 "teacher `{}` reads `{}` {} but student `{}` reads `{}` {}; export both at the same input size",
                 teacher.model,
                 t.name,
@@ -333,7 +489,7 @@ type Candidate = (String, TensorInfo, TensorInfo);
 
 fn logits_pair(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<Candidate> {
     if teacher.class_count() != student.class_count() {
-        return Err(Error::input(format!(
+        return Err(Error::unsupported(format!(
             "KD compares logits, but teacher `{}` has {} classes and student `{}` has {}; \
              use a feature method, or a student with the teacher's classes",
             teacher.model,
@@ -362,10 +518,13 @@ fn automatic_pairs(
     method: MethodName,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Candidate>> {
-    let post = |s: &Stage| s.info();
-    let pre = |s: &Stage| s.pre_relu_info().unwrap_or_else(|| s.info());
-    let (t_stages, s_stages, pick): (&[Stage], &[Stage], &dyn Fn(&Stage) -> TensorInfo) = match kind
-    {
+    let post = |s: &NetworkStage| s.info();
+    let pre = |s: &NetworkStage| s.pre_relu_info().unwrap_or_else(|| s.info());
+    let (t_stages, s_stages, pick): (
+        &[NetworkStage],
+        &[NetworkStage],
+        &dyn Fn(&NetworkStage) -> TensorInfo,
+    ) = match kind {
         TapKind::Logits => unreachable!("logits are paired before"),
         TapKind::Embedding => {
             return Ok(vec![(
@@ -377,7 +536,7 @@ fn automatic_pairs(
         TapKind::Hint(i) => {
             let (t, s) = (teacher.stages.get(i), student.stages.get(i));
             let (Some(t), Some(s)) = (t, s) else {
-                return Err(Error::input(format!(
+                return Err(Error::unsupported(format!(
                     "{method} taps spatial map feat[{i}] (the stem is feat[0]), but teacher `{}` has {} spatial maps \
                      and student `{}` has {}; choose the hint with --tap",
                     teacher.model,
@@ -415,7 +574,7 @@ fn automatic_pairs(
     };
     let n = t_stages.len().min(s_stages.len());
     if n == 0 {
-        return Err(Error::input(format!(
+        return Err(Error::unsupported(format!(
             "{method} needs stage ends, but one of the models has none after its stem"
         )));
     }
@@ -459,14 +618,14 @@ fn check_tap_ranks(method: MethodName, kind: TapKind, given: &[Candidate]) -> Re
     Ok(())
 }
 
-fn last(model: &ModelAnalysis) -> &Stage {
+fn last(model: &ModelAnalysis) -> &NetworkStage {
     model
         .stages
         .last()
         .expect("analysis guarantees at least one spatial map")
 }
 
-fn stages_after_stem(model: &ModelAnalysis) -> &[Stage] {
+fn stages_after_stem(model: &ModelAnalysis) -> &[NetworkStage] {
     &model.stages[1.min(model.stages.len())..]
 }
 

@@ -146,6 +146,18 @@ pub fn chw(info: &TensorInfo) -> Result<(i64, i64, i64)> {
     }
 }
 
+/// RepDistiller's `feat_dim`: the size CC's and CRD's embedding connectors project to.
+pub const FEAT_DIM: i64 = 128;
+
+/// The `feat_dim` option of a method's values (CC, CRD), else RepDistiller's.
+pub fn feat_dim(options: &super::OptionValues) -> i64 {
+    options
+        .iter()
+        .find(|(k, _)| *k == "feat_dim")
+        .map(|(_, v)| v.as_i64())
+        .unwrap_or(FEAT_DIM)
+}
+
 /// The feature size of a [N, D] embedding.
 pub fn features(info: &TensorInfo) -> Result<i64> {
     match info.shape.as_slice() {
@@ -155,7 +167,7 @@ pub fn features(info: &TensorInfo) -> Result<i64> {
 }
 
 fn not_spatial(info: &TensorInfo) -> Error {
-    Error::input(format!(
+    Error::invalid_model(format!(
         "tensor `{}` has shape {}, not N x C x H x W with fixed C, H, W; tap a feature map instead",
         info.tensor,
         show_shape(&info.shape)
@@ -163,7 +175,7 @@ fn not_spatial(info: &TensorInfo) -> Error {
 }
 
 fn not_embedding(info: &TensorInfo) -> Error {
-    Error::input(format!(
+    Error::invalid_model(format!(
         "tensor `{}` has shape {}, not an N x D embedding; tap the classifier's input instead",
         info.tensor,
         show_shape(&info.shape)
@@ -198,7 +210,7 @@ pub fn size_matching_conv(teacher: &TensorInfo, student: &TensorInfo) -> Result<
             init: ConvInit::TorchDefault,
         }])
     } else {
-        Err(Error::input(format!(
+        Err(Error::unsupported(format!(
             "student tap `{}` ({s_h}x{s_w}) is smaller than teacher tap `{}` ({t_h}x{t_w}) by a factor other than 2; \
              choose taps of matching resolution with --tap",
             student.tensor, teacher.tensor

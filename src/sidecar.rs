@@ -1,0 +1,136 @@
+//! The sidecar `<graph>.json` beside every graph `merge` writes: what to train, what to freeze,
+//! which inputs and outputs play which role, and the stages to train in order. `merge` writes
+//! it; `check` and the trainers read it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::onnx::io::LoadedModel;
+use crate::plan::{Hyper, MethodName, Role, TapPair, TrainingStage};
+
+/// The joint graph's labels input.
+pub const LABELS: &str = "labels";
+/// The joint graph's first output, the weighted total loss.
+pub const LOSS: &str = "loss";
+
+/// `<output>.json`: everything `generate_artifacts` needs, without opening the graph.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sidecar {
+    pub kdgraph_version: &'static str,
+    /// The hash of the graph's bytes: a graph and a sidecar of two different merges do not match.
+    pub model_hash: String,
+    /// Which stage this graph trains: "init" or "main".
+    pub stage: &'static str,
+    pub model: String,
+    pub teacher: String,
+    pub student: String,
+    pub methods: Vec<MethodName>,
+    pub hyper: Hyper,
+    pub pairs: Vec<TapPair>,
+    pub requires_grad: Vec<String>,
+    pub frozen_params: Vec<String>,
+    pub inputs: Vec<Role>,
+    pub outputs: Vec<Role>,
+    /// Training stages in order; each names a graph file and its sidecar.
+    pub stages: Vec<StageEntry>,
+    pub notes: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// One training stage in a sidecar's `stages`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageEntry {
+    pub name: &'static str,
+    pub model: String,
+    pub sidecar: String,
+    /// The reference's number of epochs for this stage, where it prescribes one.
+    pub epochs: Option<u32>,
+    /// Start from the parameters trained in this stage (matched by name).
+    pub carry_from: Option<&'static str>,
+}
+
+/// What a reader of a sidecar needs back: the hash and the inputs' roles.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SidecarRoles {
+    pub model_hash: String,
+    pub inputs: Vec<Role>,
+}
+
+/// `joint.onnx` -> `joint.json`, `joint.init.onnx` -> `joint.init.json`.
+pub fn sidecar_path(graph: &Path) -> PathBuf {
+    graph.with_extension("json")
+}
+
+/// The file names of the stage graphs and their sidecars, relative to the sidecar's folder.
+#[derive(Debug, Clone)]
+pub struct StageFiles {
+    pub main: String,
+    /// The init-stage graph and its epochs, when a method has an init stage.
+    pub init: Option<(String, u32)>,
+}
+
+impl StageFiles {
+    pub fn model(&self, stage: TrainingStage) -> String {
+        match stage {
+            TrainingStage::Main => self.main.clone(),
+            TrainingStage::Init => self.init.clone().map(|(m, _)| m).unwrap_or_default(),
+        }
+    }
+
+    /// The stages to train, in order.
+    pub fn stages(&self) -> Vec<StageEntry> {
+        let sidecar =
+            |model: &str| format!("{}.json", model.strip_suffix(".onnx").unwrap_or(model));
+        let mut stages = Vec::new();
+        if let Some((init, epochs)) = &self.init {
+            stages.push(StageEntry {
+                name: TrainingStage::Init.name(),
+                model: init.clone(),
+                sidecar: sidecar(init),
+                epochs: Some(*epochs),
+                carry_from: None,
+            });
+        }
+        stages.push(StageEntry {
+            name: TrainingStage::Main.name(),
+            model: self.main.clone(),
+            sidecar: sidecar(&self.main),
+            epochs: None,
+            carry_from: self.init.as_ref().map(|_| TrainingStage::Init.name()),
+        });
+        stages
+    }
+}
+
+/// Reads the sidecar of a graph written by `kdgraph merge`: the graph must have a scalar `loss`
+/// output first, and its sidecar must lie beside it and record the hash of `bytes`.
+pub fn read_for(model: &LoadedModel, bytes: &[u8]) -> Result<SidecarRoles> {
+    let shown = model.display();
+    if model.graph().output.first().map(|o| o.name.as_str()) != Some(LOSS) {
+        return Err(Error::invalid_model(format!(
+            "`{shown}` has no `loss` output first; check runs graphs written by `kdgraph merge`"
+        )));
+    }
+    let path = sidecar_path(&model.path);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::io(format!(
+            "cannot read `{}`, the sidecar of `{shown}`: {e}; keep the .json that `kdgraph merge` wrote beside the graph",
+            path.display()
+        ))
+    })?;
+    let sidecar: SidecarRoles = serde_json::from_str(&text).map_err(|e| {
+        Error::invalid_model(format!(
+            "`{}` is not a sidecar written by `kdgraph merge` ({e}); run kdgraph merge again",
+            path.display()
+        ))
+    })?;
+    if sidecar.model_hash != crate::onnx::io::content_hash(bytes) {
+        return Err(Error::invalid_model(format!(
+            "`{shown}` and `{}` come from different merges (an interrupted merge?); run kdgraph merge again",
+            path.display()
+        )));
+    }
+    Ok(sidecar)
+}
