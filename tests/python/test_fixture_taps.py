@@ -35,16 +35,15 @@ def _load_make_fixtures():
 mf = _load_make_fixtures()
 
 # Whether each entry of `stages` (stem first) ends in a ReLU, by architecture family.
-# True: pre_relu must name the ReLU's input; False: pre_relu must be null; None: either, and
-# a reported tensor must hold the model's preact feat. ShuffleV2's stage ends are channel
-# shuffles of concat(x1, ReLU(..)); the reference's pre-ReLU feat is an unshuffled concat
-# that the graph does not contain.
+# True: pre_relu must name the ReLU's input; False: pre_relu must be null. ShuffleV2's stage
+# ends are channel shuffles of concat(x1, ReLU(..)), made by a Reshape, not a ReLU: null (the
+# reference's pre-ReLU feat is an unshuffled concat that the graph does not contain).
 RELU_AT_STAGE_END = {
     "resnet": [True, True, True, True],
     "wrn": [False, False, False, False],
     "vgg": [True, True, True, True, True],
     "mobile_half": [True, False, False, False, False],
-    "ShuffleV2": [True, None, None, None],
+    "ShuffleV2": [True, False, False, False],
 }
 
 
@@ -157,9 +156,9 @@ def test_taps_match_torch_feats(name, mode, batch):
     for stage, want_post, want_pre, has_relu in zip(stages, post, pre, relu_at_stage_end(name)):
         where = f"stage {stage['index']} ({stage['tensor']})"
         check_tensor(where, stage["shape"], got[stage["tensor"]], want_post, n, mode)
-        if has_relu is True:
+        if has_relu:
             assert stage["pre_relu"] is not None, f"{where} ends in a ReLU: pre_relu expected"
-        elif has_relu is False:
+        else:
             assert stage["pre_relu"] is None, f"{where} has no ReLU at its end: pre_relu must be null"
         if stage["pre_relu"]:
             # A tap's pre-ReLU tensor has the tap's shape.

@@ -12,7 +12,7 @@ Expected taps (from the module structure, not from kdgraph):
                 ReLU after the last block's residual Add (pre_relu = that Add).
   vgg16_bn:     the ReLU before each of the 5 MaxPools: the first is the stem, then 4 stages
                 (pre_relu = the BatchNorm, or the folded Conv, feeding it).
-  mobilenet_v2: stem = features[0] (Conv-BN-ReLU6); stages = features[1], [3], [6], [13], [17]
+  mobilenet_v2: stem = features[0] (Conv-BN-ReLU6, a Clip: pre_relu null); stages = features[1], [3], [6], [13], [17]
                 (no activation at their ends: pre_relu null); features[18] (1x1 head conv to
                 1280) is not a stage.
   embedding:    the input of the final Linear (fc, classifier[6], classifier[1]).
@@ -223,11 +223,13 @@ def test_torchvision_taps(name, mode):
                     pre not in prod or prod[pre].op_type != "Add"):
                 problems.append(f"{where}: pre_relu {describe(pre, prod)} should be the residual Add")
         elif want["act"] == "relu6":
-            # ReLU6 is a Clip: kdgraph may leave pre_relu null; if it names one, it must be the
-            # Clip's input.
-            if pre is not None and (node is None or node.op_type != act_op or node.input[0] != pre):
-                problems.append(f"{where}: pre_relu {describe(pre, prod)} is not the input of the "
-                                f"Clip (ReLU6) producing the stage tensor")
+            # ReLU6 is a Clip, not a ReLU: pre_relu is null. A pre-ReLU tap is where a ReLU's
+            # boundary at 0 is the only non-linearity (AB's and OFD's margins rest on that);
+            # a Clip also cuts at 6, so its input is not one.
+            if node is None or node.op_type != act_op:
+                problems.append(f"{where}: the stage tensor is not produced by a Clip (ReLU6)")
+            if pre is not None:
+                problems.append(f"{where}: ends in a ReLU6 (Clip), pre_relu must be null, got {describe(pre, prod)}")
         elif pre is not None:
             problems.append(f"{where}: no activation at this stage end, pre_relu must be null, "
                             f"got {describe(pre, prod)}")
