@@ -26,9 +26,7 @@ to the model in eval mode. The structural checks use the unmodified export.
 """
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -37,23 +35,14 @@ import pytest
 
 import exports
 
-ROOT = Path(__file__).resolve().parents[2]
 RTOL, ATOL = 1e-3, 1e-4
 ACTIVATION_OPS = {"relu": "Relu", "relu6": "Clip"}
 RESNETS = ("resnet18", "resnet50", "wide_resnet50_2")
 
 
-def kdgraph_bin():
-    candidates = [os.environ.get("KDGRAPH_BIN"), ROOT / "target" / "debug" / "kdgraph"]
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    pytest.skip("kdgraph binary not found: set KDGRAPH_BIN or run `cargo build`")
-
-
-def inspect(path):
+def inspect(kdgraph_bin, path):
     result = subprocess.run(
-        [str(kdgraph_bin()), "inspect", str(path), "--json"],
+        [str(kdgraph_bin), "inspect", str(path), "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, f"kdgraph inspect {path} failed (exit {result.returncode}):\n{result.stderr}"
@@ -164,7 +153,7 @@ def check_export_premise(graph, mode):
 
 @pytest.mark.parametrize("mode", exports.MODES)
 @pytest.mark.parametrize("name", exports.MODELS)
-def test_torchvision_taps(name, mode):
+def test_torchvision_taps(kdgraph_bin, name, mode):
     try:
         path = exports.export(name, mode)
     except exports.ExportFailed as exc:
@@ -173,7 +162,7 @@ def test_torchvision_taps(name, mode):
     check_export_premise(graph, mode)
     prod = producers(graph)
     ref = exports.reference(name)
-    info = inspect(path)
+    info = inspect(kdgraph_bin, path)
     size = exports.input_size(name)
 
     assert [i["name"] for i in info["inputs"]] == ["input"], info["inputs"]
