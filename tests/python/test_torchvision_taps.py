@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 import exports
 
@@ -268,3 +269,41 @@ def test_torchvision_taps(kdgraph_bin, name, mode):
         pytest.fail(f"{name} {mode}: {len(problems)} problem(s):\n  " + "\n  ".join(problems)
                     + f"\nkdgraph reported: {reported}; embedding {emb['tensor']}; notes: {info['notes']}"
                     + detail)
+
+
+class _Tiny(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+@pytest.fixture
+def failing_exporter(monkeypatch, tmp_path):
+    """exports.export with torch.onnx.export raising, on a tiny model, caching under tmp_path."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+    monkeypatch.setattr(exports, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(exports, "build", lambda name: _Tiny())
+    monkeypatch.setattr(torch.onnx, "export", boom)
+    return tmp_path / "cache"
+
+
+def test_an_unknown_export_failure_fails(failing_exporter):
+    """An exporter error that KNOWN_EXPORT_FAILURES does not record for this torch propagates (the
+    test fails), instead of turning into an xfail; nothing is left in the cache."""
+    with pytest.raises(RuntimeError, match="exporter exploded"):
+        exports.export("resnet18", "dynamo")
+    assert not list(failing_exporter.glob("*")), list(failing_exporter.glob("*"))
+
+
+def test_a_known_export_failure_names_version_and_reason(failing_exporter, monkeypatch):
+    """A failure recorded for this torch version (and only for it) becomes ExportFailed, whose message
+    (the xfail's reason) names the version and the recorded reason."""
+    monkeypatch.setattr(exports, "KNOWN_EXPORT_FAILURES",
+                        {("dynamo", "resnet18"): [("0.1.", "not this version"), (torch.__version__, "a recorded limit")]})
+    with pytest.raises(exports.ExportFailed) as info:
+        exports.export("resnet18", "dynamo")
+    message = str(info.value)
+    assert f"torch {torch.__version__}" in message and "a recorded limit" in message and "exporter exploded" in message, message
+    assert exports.known_export_failure("resnet18", "dynamo", version="0.2.0") is None
+    with pytest.raises(RuntimeError, match="exporter exploded"):
+        exports.export("resnet18", "ts-eval")  # recorded for dynamo only
