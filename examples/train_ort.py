@@ -19,6 +19,10 @@
 #
 # Versions: onnx >= 1.17 stamps its own IR version on the generated optimizer model, which
 # ORT Training 1.19 refuses; generate() sets it back to 10.
+#
+# A graph and a sidecar of two different merges (an interrupted merge, a file copied over) are
+# refused: read_sidecar checks the sidecar's model_hash against the graph file, as `kdgraph check`
+# does, and raises SidecarMismatch; the command line prints it on one line and exits with 1.
 
 import argparse
 import functools
@@ -44,12 +48,44 @@ print_now = functools.partial(print, flush=True)
 # --------------------------------------------------------------------------- sidecar
 
 
+class SidecarMismatch(ValueError):
+    """A sidecar whose model_hash is not the hash of the graph file beside it."""
+
+
+_HASH_K1 = np.uint64(0x9E3779B97F4A7C15)
+_HASH_K2 = np.uint64(0xC2B2AE3D27D4EB4F)
+
+
+def content_hash(data):
+    """kdgraph's fingerprint of a file's bytes (src/onnx/io.rs `content_hash`), `<hex>-<length>`:
+    the xor over its 8-byte little-endian words (the last one zero-padded) of
+    `word * K1 ^ index * K2`, in wrapping 64-bit arithmetic."""
+    data = bytes(data)
+    words = np.frombuffer(data + b"\0" * (-len(data) % 8), dtype="<u8").astype(np.uint64)
+    index = np.arange(len(words), dtype=np.uint64)
+    mixed = (words * _HASH_K1) ^ (index * _HASH_K2)  # uint64 arrays wrap, as Rust's wrapping_mul
+    value = int(np.bitwise_xor.reduce(mixed)) if len(mixed) else 0
+    return f"{value:016x}-{len(data)}"
+
+
 def read_sidecar(path):
-    """The sidecar of a joint graph (the .onnx or its .json), with `model_path` added."""
+    """The sidecar of a joint graph (the .onnx or its .json), with `model_path` added.
+
+    Raises SidecarMismatch when the sidecar records a model_hash that the graph file does not have
+    (the graph and the sidecar come from different merges)."""
     path = Path(path)
     json_path = path if path.suffix == ".json" else path.with_suffix(".json")
     sidecar = json.loads(json_path.read_text())
-    sidecar["model_path"] = str(json_path.parent / sidecar["model"])
+    model_path = json_path.parent / sidecar["model"]
+    sidecar["model_path"] = str(model_path)
+    recorded = sidecar.get("model_hash")
+    if recorded:
+        actual = content_hash(model_path.read_bytes())
+        if actual != recorded:
+            raise SidecarMismatch(
+                f"`{model_path}` and `{json_path}` come from different merges (the sidecar records model_hash "
+                f"{recorded}, the graph hashes to {actual}); run kdgraph merge again"
+            )
     return sidecar
 
 
@@ -286,6 +322,8 @@ def train(sidecar_path, steps=100, init_steps=None, batch=32, device="cpu", lr=1
     """Trains every stage of a merged graph in order, carrying parameters by name; returns a Result."""
     sidecar_path = Path(sidecar_path)
     main = read_sidecar(sidecar_path)
+    # Every stage's graph and sidecar are checked before any stage trains.
+    sidecars = {spec["name"]: read_sidecar(sidecar_path.parent / spec["sidecar"]) for spec in main["stages"]}
     workdir = Path(workdir or tempfile.mkdtemp(prefix="kdgraph-train-"))
     if data is None:
         image = next(i for i in main["inputs"] if i["role"] == "image")
@@ -294,7 +332,7 @@ def train(sidecar_path, steps=100, init_steps=None, batch=32, device="cpu", lr=1
         data = Data.synthetic(image["shape"][1:], logits["shape"][-1], count)
     result, carried, stage = Result(sidecar_path.with_suffix(".student.onnx")), None, None
     for spec in main["stages"]:
-        stage = Stage(sidecar_path.parent / spec["sidecar"], workdir / spec["name"], device, lr,
+        stage = Stage(sidecars[spec["name"]], workdir / spec["name"], device, lr,
                       carried if spec.get("carry_from") else None)
         stage_steps = (init_steps or steps) if spec["name"] == "init" else steps
         result.histories[spec["name"]] = train_stage(stage, data, stage_steps, batch, log)
@@ -319,7 +357,11 @@ def main():
     if args.data:
         arrays = np.load(args.data)
         data = Data(arrays["x"], arrays["y"])
-    result = train(args.sidecar, args.steps, args.init_steps, args.batch, args.device, args.lr, data, args.workdir)
+    try:
+        result = train(args.sidecar, args.steps, args.init_steps, args.batch, args.device, args.lr, data, args.workdir)
+    except SidecarMismatch as exc:
+        print(f"train_ort.py: error: {exc}", file=sys.stderr)
+        return 1
     print(f"trained student: {result.student}")
 
 

@@ -17,8 +17,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FIXTURES = ROOT / "fixtures"
 CACHE = HERE / ".cache"
-# The same layout as test_fixture_taps.py (CACHE/fixtures/<script hash>/<mode>/<name>.onnx),
-# so that the two share exports.
+# Fixture exports: FIXTURE_CACHE/<hash of make_fixtures.py>/<mode>/<name>.onnx (fixture_path).
 FIXTURE_CACHE = CACHE / "fixtures"
 
 # kd_reference and merge_checks from here; train_ort (the ORT Training helper that users run too)
@@ -38,21 +37,29 @@ def _load_make_fixtures():
 mf = _load_make_fixtures()
 
 
-def find_kdgraph_bin() -> Path | None:
-    """$KDGRAPH_BIN, else target/debug/kdgraph, else target/release/kdgraph."""
-    candidates = [os.environ.get("KDGRAPH_BIN"), ROOT / "target" / "debug" / "kdgraph",
-                  ROOT / "target" / "release" / "kdgraph"]
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    return None
+def find_kdgraph_bin(environ=os.environ, root: Path = ROOT) -> Tuple[Path | None, str]:
+    """(the kdgraph binary under test, why none was found): $KDGRAPH_BIN when it is set (and then
+    only it: a wrong path is an error, not a reason to test another build), else target/debug/kdgraph,
+    the build `cargo build` and scripts/test.sh make. Never target/release: it may be older than the
+    code under test."""
+    given = environ.get("KDGRAPH_BIN")
+    if given:
+        path = Path(given)
+        if path.is_file():
+            return path, ""
+        return None, f"KDGRAPH_BIN={given} is not a file; point it at the kdgraph binary to test"
+    path = root / "target" / "debug" / "kdgraph"
+    if path.is_file():
+        return path, ""
+    return None, f"kdgraph binary not found: set KDGRAPH_BIN, or run `cargo build` (for {path})"
 
 
 @pytest.fixture(scope="session")
 def kdgraph_bin() -> Path:
-    path = find_kdgraph_bin()
+    """The binary under test; every test that needs it fails (never skips) without it."""
+    path, why = find_kdgraph_bin()
     if path is None:
-        pytest.skip("kdgraph binary not found: set KDGRAPH_BIN or run `cargo build`")
+        pytest.fail(why, pytrace=False)
     return path
 
 
@@ -64,7 +71,8 @@ def cache_dir() -> Path:
 
 
 def fixture_path(name: str, mode: str) -> Path:
-    """The committed file where there is one, else an export cached by make_fixtures' hash."""
+    """The committed file where there is one, else an export cached by make_fixtures' hash (the one
+    copy: every test module imports it from here)."""
     for committed_name, committed_mode, file in mf.COMMITTED:
         if (committed_name, committed_mode) == (name, mode):
             return FIXTURES / file

@@ -1,13 +1,8 @@
 """Checks `kdgraph inspect`'s taps on every fixture architecture against the PyTorch models' feats."""
 
 import copy
-import hashlib
-import importlib.util
 import json
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,9 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "fixtures"
-CACHE = Path(__file__).resolve().parent / ".cache" / "fixtures"
+from conftest import FIXTURES, fixture_path, mf
+
 # (rtol, atol) by export mode. The references are computed in float64. With batch-statistics
 # BN, rounding errors grow through the depth: on resnet56 and mobile_half, float32 PyTorch
 # itself strays from float64 by up to 0.7e-4 * (1 + |x|), hence the looser train tolerance
@@ -25,26 +19,16 @@ CACHE = Path(__file__).resolve().parent / ".cache" / "fixtures"
 TOLERANCE = {"eval": (1e-4, 1e-4), "train": (1e-3, 1e-3)}
 
 
-def _load_make_fixtures():
-    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mf = _load_make_fixtures()
-
 # Whether each entry of `stages` (stem first) ends in a ReLU, by architecture family.
-# True: pre_relu must name the ReLU's input; False: pre_relu must be null; None: either, and
-# a reported tensor must hold the model's preact feat. ShuffleV2's stage ends are channel
-# shuffles of concat(x1, ReLU(..)); the reference's pre-ReLU feat is an unshuffled concat
-# that the graph does not contain.
+# True: pre_relu must name the ReLU's input; False: pre_relu must be null. ShuffleV2's stage
+# ends are channel shuffles of concat(x1, ReLU(..)), made by a Reshape, not a ReLU: null (the
+# reference's pre-ReLU feat is an unshuffled concat that the graph does not contain).
 RELU_AT_STAGE_END = {
     "resnet": [True, True, True, True],
     "wrn": [False, False, False, False],
     "vgg": [True, True, True, True, True],
     "mobile_half": [True, False, False, False, False],
-    "ShuffleV2": [True, None, None, None],
+    "ShuffleV2": [True, False, False, False],
 }
 
 
@@ -53,36 +37,9 @@ def relu_at_stage_end(name):
     return RELU_AT_STAGE_END[family]
 
 
-def kdgraph_bin():
-    candidates = [os.environ.get("KDGRAPH_BIN")] + [
-        ROOT / "target" / profile / "kdgraph" for profile in ("release", "debug")
-    ]
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    pytest.skip("kdgraph binary not found: set KDGRAPH_BIN or run `cargo build --release`")
-
-
-def fixture_path(name, mode):
-    """The committed file where there is one, else an export cached by make_fixtures' hash."""
-    for committed_name, committed_mode, file in mf.COMMITTED:
-        if (committed_name, committed_mode) == (name, mode):
-            return FIXTURES / file
-    digest = hashlib.sha256((FIXTURES / "make_fixtures.py").read_bytes()).hexdigest()[:12]
-    if not (CACHE / digest).exists():
-        shutil.rmtree(CACHE, ignore_errors=True)  # exports of older versions of the script
-    path = CACHE / digest / mode / f"{name}.onnx"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        mf.export(mf.build(name), partial, mode)
-        partial.replace(path)
-    return path
-
-
-def inspect(path):
+def inspect(kdgraph_bin, path):
     result = subprocess.run(
-        [str(kdgraph_bin()), "inspect", str(path), "--json"],
+        [str(kdgraph_bin), "inspect", str(path), "--json"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, f"kdgraph inspect failed:\n{result.stderr}"
@@ -137,9 +94,9 @@ def batch():
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("name", mf.MODEL_NAMES)
-def test_taps_match_torch_feats(name, mode, batch):
+def test_taps_match_torch_feats(kdgraph_bin, name, mode, batch):
     path = fixture_path(name, mode)
-    info = inspect(path)
+    info = inspect(kdgraph_bin, path)
     post, pre, logits = torch_feats(name, mode, batch)
 
     assert [i["name"] for i in info["inputs"]] == ["input"]
@@ -157,9 +114,9 @@ def test_taps_match_torch_feats(name, mode, batch):
     for stage, want_post, want_pre, has_relu in zip(stages, post, pre, relu_at_stage_end(name)):
         where = f"stage {stage['index']} ({stage['tensor']})"
         check_tensor(where, stage["shape"], got[stage["tensor"]], want_post, n, mode)
-        if has_relu is True:
+        if has_relu:
             assert stage["pre_relu"] is not None, f"{where} ends in a ReLU: pre_relu expected"
-        elif has_relu is False:
+        else:
             assert stage["pre_relu"] is None, f"{where} has no ReLU at its end: pre_relu must be null"
         if stage["pre_relu"]:
             # A tap's pre-ReLU tensor has the tap's shape.

@@ -555,7 +555,9 @@ def test_crd_needs_the_dataset_size(kdgraph_bin, tmp_path):
     result = subprocess.run([str(kdgraph_bin), "merge", str(teacher), str(student), "--method", "crd", "-o", str(tmp_path / "joint.onnx")],
                             capture_output=True, text=True, timeout=300)
     message = result.stdout + result.stderr
-    assert result.returncode in (1, 2), f"exit {result.returncode}:\n{message}"
+    # A missing option is the caller's to fix: a usage error, exit 2 (src/error.rs), not 1 (a model
+    # that cannot be used).
+    assert result.returncode == 2, f"exit {result.returncode}, a usage error exits with 2:\n{message}"
     assert "--crd-n-data" in message and "panic" not in message.lower(), message
     assert not list(tmp_path.iterdir()), f"files written: {list(tmp_path.iterdir())}"
 
@@ -927,3 +929,49 @@ def test_example_command_line(joint, tmp_path):
     session = ort.InferenceSession(str(student), session_options(), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"input": np.zeros((2, *mf.INPUT_SHAPE), np.float32)})
     assert logits.shape == (2, mf.NUM_CLASSES) and np.all(np.isfinite(logits))
+
+
+def test_example_refuses_a_graph_and_a_sidecar_of_two_merges(joint, kdgraph_bin, tmp_path):
+    """The graph of `-m kd -T 2 --alpha 0.5` beside the sidecar of a default `-m kd` merge: the sidecar's
+    model_hash does not match the graph. `kdgraph check` refuses the pair; so must the example (one-line
+    error, non-zero exit, no student written), before it generates any artifact."""
+    default, other = joint(COMMITTED, "kd"), joint(COMMITTED, "kd", "-T", "2", "--alpha", "0.5")
+    assert default.path.read_bytes() != other.path.read_bytes(), "the two merges wrote the same graph"
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(other.path, mixed / default.path.name)
+    shutil.copy(default.path.with_suffix(".json"), mixed / default.path.with_suffix(".json").name)
+    sidecar = mixed / default.path.with_suffix(".json").name
+
+    check = subprocess.run([str(kdgraph_bin), "check", str(mixed / default.path.name)], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 1 and "different merges" in check.stderr, f"kdgraph check: exit {check.returncode}\n{check.stderr}"
+
+    workdir = tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "examples" / "train_ort.py"), str(sidecar), "--steps", "1", "--batch", "4",
+           "--workdir", str(workdir)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, f"the example trained a graph with another merge's sidecar:\n{result.stdout}\n{result.stderr}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "different merges" in lines[0], f"not a one-line error:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert not sidecar.with_suffix(".student.onnx").exists(), "a student was written"
+    assert not workdir.exists() or not any(workdir.iterdir()), f"artifacts were generated: {list(workdir.iterdir())}"
+
+    # The library refuses it too (train_ort.train, and a Stage made from the sidecar).
+    with pytest.raises(train_ort.SidecarMismatch, match="different merges"):
+        train_ort.train(sidecar, steps=1, batch=4, workdir=tmp_path / "lib", log=quiet)
+    with pytest.raises(train_ort.SidecarMismatch, match="different merges"):
+        train_ort.Stage(sidecar, tmp_path / "stage")
+
+
+@pytest.mark.parametrize("method", ["kd", "ab"])
+def test_example_hash_is_kdgraphs(joint, method):
+    """train_ort.content_hash reproduces the model_hash that kdgraph records for each stage graph (else the
+    refusal above would refuse every merge, or could not tell two merges apart)."""
+    main = joint(COMMITTED, method)
+    for spec in main.sidecar["stages"]:
+        sidecar = json.loads((main.path.parent / spec["sidecar"]).read_text())
+        graph = (main.path.parent / spec["model"]).read_bytes()
+        assert sidecar.get("model_hash"), f"{spec['sidecar']} records no model_hash"
+        assert train_ort.content_hash(graph) == sidecar["model_hash"], f"{spec['model']}"
+        assert train_ort.content_hash(graph + b"\0") != sidecar["model_hash"]

@@ -12,7 +12,7 @@ Expected taps (from the module structure, not from kdgraph):
                 ReLU after the last block's residual Add (pre_relu = that Add).
   vgg16_bn:     the ReLU before each of the 5 MaxPools: the first is the stem, then 4 stages
                 (pre_relu = the BatchNorm, or the folded Conv, feeding it).
-  mobilenet_v2: stem = features[0] (Conv-BN-ReLU6); stages = features[1], [3], [6], [13], [17]
+  mobilenet_v2: stem = features[0] (Conv-BN-ReLU6, a Clip: pre_relu null); stages = features[1], [3], [6], [13], [17]
                 (no activation at their ends: pre_relu null); features[18] (1x1 head conv to
                 1280) is not a stage.
   embedding:    the input of the final Linear (fc, classifier[6], classifier[1]).
@@ -26,34 +26,24 @@ to the model in eval mode. The structural checks use the unmodified export.
 """
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 import exports
 
-ROOT = Path(__file__).resolve().parents[2]
 RTOL, ATOL = 1e-3, 1e-4
 ACTIVATION_OPS = {"relu": "Relu", "relu6": "Clip"}
 RESNETS = ("resnet18", "resnet50", "wide_resnet50_2")
 
 
-def kdgraph_bin():
-    candidates = [os.environ.get("KDGRAPH_BIN"), ROOT / "target" / "debug" / "kdgraph"]
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    pytest.skip("kdgraph binary not found: set KDGRAPH_BIN or run `cargo build`")
-
-
-def inspect(path):
+def inspect(kdgraph_bin, path):
     result = subprocess.run(
-        [str(kdgraph_bin()), "inspect", str(path), "--json"],
+        [str(kdgraph_bin), "inspect", str(path), "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, f"kdgraph inspect {path} failed (exit {result.returncode}):\n{result.stderr}"
@@ -164,7 +154,7 @@ def check_export_premise(graph, mode):
 
 @pytest.mark.parametrize("mode", exports.MODES)
 @pytest.mark.parametrize("name", exports.MODELS)
-def test_torchvision_taps(name, mode):
+def test_torchvision_taps(kdgraph_bin, name, mode):
     try:
         path = exports.export(name, mode)
     except exports.ExportFailed as exc:
@@ -173,7 +163,7 @@ def test_torchvision_taps(name, mode):
     check_export_premise(graph, mode)
     prod = producers(graph)
     ref = exports.reference(name)
-    info = inspect(path)
+    info = inspect(kdgraph_bin, path)
     size = exports.input_size(name)
 
     assert [i["name"] for i in info["inputs"]] == ["input"], info["inputs"]
@@ -223,11 +213,13 @@ def test_torchvision_taps(name, mode):
                     pre not in prod or prod[pre].op_type != "Add"):
                 problems.append(f"{where}: pre_relu {describe(pre, prod)} should be the residual Add")
         elif want["act"] == "relu6":
-            # ReLU6 is a Clip: kdgraph may leave pre_relu null; if it names one, it must be the
-            # Clip's input.
-            if pre is not None and (node is None or node.op_type != act_op or node.input[0] != pre):
-                problems.append(f"{where}: pre_relu {describe(pre, prod)} is not the input of the "
-                                f"Clip (ReLU6) producing the stage tensor")
+            # ReLU6 is a Clip, not a ReLU: pre_relu is null. A pre-ReLU tap is where a ReLU's
+            # boundary at 0 is the only non-linearity (AB's and OFD's margins rest on that);
+            # a Clip also cuts at 6, so its input is not one.
+            if node is None or node.op_type != act_op:
+                problems.append(f"{where}: the stage tensor is not produced by a Clip (ReLU6)")
+            if pre is not None:
+                problems.append(f"{where}: ends in a ReLU6 (Clip), pre_relu must be null, got {describe(pre, prod)}")
         elif pre is not None:
             problems.append(f"{where}: no activation at this stage end, pre_relu must be null, "
                             f"got {describe(pre, prod)}")
@@ -277,3 +269,41 @@ def test_torchvision_taps(name, mode):
         pytest.fail(f"{name} {mode}: {len(problems)} problem(s):\n  " + "\n  ".join(problems)
                     + f"\nkdgraph reported: {reported}; embedding {emb['tensor']}; notes: {info['notes']}"
                     + detail)
+
+
+class _Tiny(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+@pytest.fixture
+def failing_exporter(monkeypatch, tmp_path):
+    """exports.export with torch.onnx.export raising, on a tiny model, caching under tmp_path."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+    monkeypatch.setattr(exports, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(exports, "build", lambda name: _Tiny())
+    monkeypatch.setattr(torch.onnx, "export", boom)
+    return tmp_path / "cache"
+
+
+def test_an_unknown_export_failure_fails(failing_exporter):
+    """An exporter error that KNOWN_EXPORT_FAILURES does not record for this torch propagates (the
+    test fails), instead of turning into an xfail; nothing is left in the cache."""
+    with pytest.raises(RuntimeError, match="exporter exploded"):
+        exports.export("resnet18", "dynamo")
+    assert not list(failing_exporter.glob("*")), list(failing_exporter.glob("*"))
+
+
+def test_a_known_export_failure_names_version_and_reason(failing_exporter, monkeypatch):
+    """A failure recorded for this torch version (and only for it) becomes ExportFailed, whose message
+    (the xfail's reason) names the version and the recorded reason."""
+    monkeypatch.setattr(exports, "KNOWN_EXPORT_FAILURES",
+                        {("dynamo", "resnet18"): [("0.1.", "not this version"), (torch.__version__, "a recorded limit")]})
+    with pytest.raises(exports.ExportFailed) as info:
+        exports.export("resnet18", "dynamo")
+    message = str(info.value)
+    assert f"torch {torch.__version__}" in message and "a recorded limit" in message and "exporter exploded" in message, message
+    assert exports.known_export_failure("resnet18", "dynamo", version="0.2.0") is None
+    with pytest.raises(RuntimeError, match="exporter exploded"):
+        exports.export("resnet18", "ts-eval")  # recorded for dynamo only
