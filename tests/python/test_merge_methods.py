@@ -3,8 +3,9 @@
 1. graph contract   the joint graph and its sidecar satisfy DESIGN.md / RUNTIMES.md
 2. fidelity         every loss output equals kd_reference.py on the graph's own tap tensors
                     (two non-committed pairs), plus the loss subgraph alone on synthetic taps
-3. ORT Training     artifacts from the sidecar train; the teacher stays bit-identical; the
-                    exported student reproduces the trained module's eval logits
+3. ORT Training     artifacts from the sidecar train (the loss falls; with --gamma 0 the
+                    method's own term falls); the teacher stays bit-identical; the exported
+                    student reproduces the trained module's eval logits
 4. gradients        ORT Training's gradient of the student's first conv weight equals torch
                     autograd through the PyTorch models and kd_reference
 5. degenerate       batch 1 (RKD, SP, CC) and all-zero images give finite losses and gradients
@@ -254,12 +255,21 @@ def test_loss_terms_on_synthetic_taps(joint, pair, methods):
 # --------------------------------------------------------------------------- 3. ORT Training
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ort_training(joint, artifacts, method, tmp_path):
-    """Loss falls in 30 steps, the teacher stays bit-identical, the exported student matches."""
-    j = joint(COMMITTED, method)
+TRAIN_CASES = [(m, w) for m in METHODS for w in ("default", "gamma0")]
+
+
+@pytest.mark.parametrize("method, weights", TRAIN_CASES, ids=[f"{m}-{w}" for m, w in TRAIN_CASES])
+def test_ort_training(joint, artifacts, method, weights, tmp_path):
+    """Loss falls in 30 steps, the teacher stays bit-identical, the exported student matches.
+
+    default: the merged graph as is (its loss holds CE, which falls on one batch whatever the
+    method does); gamma0: `--gamma 0`, where the method's own term must fall (by TERM_FALL).
+    """
+    extra = () if weights == "default" else ("--gamma", "0")
+    j = joint(COMMITTED, method, *extra)
     feeds = {"input": image_batch(TRAIN_BATCH), "labels": label_batch(TRAIN_BATCH)}
-    check_ort_training(j, artifacts(j), feeds, tmp_path, first_student_conv_weight(j))
+    term = f"loss/{method}" if weights == "gamma0" else None
+    check_ort_training(j, artifacts(j), feeds, tmp_path, first_student_conv_weight(j), term)
 
 
 # --------------------------------------------------------------------------- 4. gradients
