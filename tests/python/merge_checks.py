@@ -31,6 +31,11 @@ PAIRS = {
     "wrn_40_2-ShuffleV2": (("wrn_40_2", "eval"), ("ShuffleV2", "train")),
     # A teacher exported in training mode: its BatchNorms are in the file (OFD reads their margins).
     "resnet56train-resnet20": (("resnet56", "train"), ("resnet20", "train")),
+    # Plain nets whose taps differ in size (test_merge_resizing): every FitNet regressor and every
+    # pooling path. Stage sizes after the 32x32 stem: 16-8-4, 24-16-8, 16-12-6.
+    "plain_16_8_4-plain_24_16_8": (("plain_16_8_4", "eval"), ("plain_24_16_8", "train")),
+    "plain_24_16_8-plain_16_8_4": (("plain_24_16_8", "eval"), ("plain_16_8_4", "train")),
+    "plain_16_8_4-plain_16_12_6": (("plain_16_8_4", "eval"), ("plain_16_12_6", "train")),
 }
 COMMITTED = "resnet56-resnet20"
 FIDELITY_PAIRS = ["resnet32x4-resnet8x4", "vgg13_bn-mobile_half"]
