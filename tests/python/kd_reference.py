@@ -586,22 +586,26 @@ def ofd(
     margins: Sequence[Tensor],
     reduction: str = "batch",
     bn_batch_stats: bool = False,
+    pool: bool = False,
 ) -> Tensor:
     """OFD: sum_i L_i / 2^(n-i-1), L_i = sum (c(s) - t')^2 1{c(s) > t' or t' > 0}, t' = max(t, M).
 
-    pairs: [(s_pre, t_pre)] pre-ReLU stage ends (same H, W); connectors: per pair {'weight'
-    (t_C, s_C, 1, 1), BN params} (conv1x1 no bias + BN); margins: per pair (t_C,);
+    pairs: [(s_pre, t_pre)] pre-ReLU stage ends (same H, W unless pool); connectors: per pair
+    {'weight' (t_C, s_C, 1, 1), BN params} (conv1x1 no bias + BN); margins: per pair (t_C,);
     reduction: 'sum' (no batch factor), 'batch' (/ B, the term that beta = 1/1000 multiplies;
-    default) or 'total' (/ B / 1000, the full CIFAR weighting).
+    default) or 'total' (/ B / 1000, the full CIFAR weighting); pool: where the sizes differ,
+    the larger of c(s) and t is pooled to the smaller (after the connector, before the margin
+    clip: the order kdgraph writes; the references only pair equal sizes, METHODS.md does not say).
     """
     n = len(pairs)
     bsz = pairs[0][0].shape[0]
     terms = []
     for i, ((s_pre, t_pre), conn, margin) in enumerate(zip(pairs, connectors, margins, strict=True)):
         t = t_pre.detach()
-        if tuple(s_pre.shape[2:]) != tuple(t.shape[2:]):
+        if tuple(s_pre.shape[2:]) != tuple(t.shape[2:]) and not pool:
             raise ValueError(f"OFD pair {i}: spatial sizes differ, {tuple(s_pre.shape[2:])} vs {tuple(t.shape[2:])}")
         s = batch_norm(F.conv2d(s_pre, conn["weight"], conn.get("bias")), conn, bn_batch_stats)
+        s, t = pool_pair(s, t)
         t = torch.maximum(t, _chan(margin.detach().to(t.dtype)))
         mask = ((s > t) | (t > 0)).to(s.dtype)
         terms.append(((s - t) ** 2 * mask).sum() / 2.0 ** (n - i - 1))

@@ -29,6 +29,7 @@ RELU_AT_STAGE_END = {
     "vgg": [True, True, True, True, True],
     "mobile_half": [True, False, False, False, False],
     "ShuffleV2": [True, False, False, False],
+    "plain": [True, True, True, True],
 }
 
 

@@ -617,3 +617,23 @@ def test_ofd_bn_batch_stats_matches_train_mode_module():
     tgt = torch.max(f_t, margin.reshape(1, -1, 1, 1))
     ref = (F.mse_loss(src, tgt, reduction="none") * ((src > tgt) | (tgt > 0)).double()).sum()
     close(R.ofd([(f_s, f_t)], [conn], [margin], reduction="sum", bn_batch_stats=True), ref)
+
+
+def test_ofd_pool_after_the_connector_before_the_clip():
+    """pool=True: a larger connected student map is average-pooled after its connector (here with batch
+    statistics, where the order matters), a larger teacher map before the margin clip; without pool,
+    different sizes are an error."""
+    conn = {"weight": randn(5, 3, 1, 1, seed=1), **bn_params(5, 2)}
+    margin = R.ofd_margin(randn(5, seed=5), randn(5, seed=6))
+    big_s, small_t = randn(4, 3, 6, 6, seed=3), randn(4, 5, 4, 4, seed=4)
+    with pytest.raises(ValueError):
+        R.ofd([(big_s, small_t)], [conn], [margin])
+    c = F.adaptive_avg_pool2d(R.batch_norm(F.conv2d(big_s, conn["weight"]), conn, True), (4, 4))
+    t = torch.max(small_t, margin.reshape(1, -1, 1, 1))
+    ref = ((c - t) ** 2 * ((c > t) | (t > 0)).double()).sum()
+    close(R.ofd([(big_s, small_t)], [conn], [margin], reduction="sum", bn_batch_stats=True, pool=True), ref)
+    small_s, big_t = randn(4, 3, 4, 4, seed=7), randn(4, 5, 6, 6, seed=8)
+    c = R.batch_norm(F.conv2d(small_s, conn["weight"]), conn, True)
+    t = torch.max(F.adaptive_avg_pool2d(big_t, (4, 4)), margin.reshape(1, -1, 1, 1))
+    ref = ((c - t) ** 2 * ((c > t) | (t > 0)).double()).sum()
+    close(R.ofd([(small_s, big_t)], [conn], [margin], reduction="sum", bn_batch_stats=True, pool=True), ref)

@@ -10,8 +10,10 @@ BatchNorms (a teacher exported in train mode) or estimated from the batch (eval 
 2. fidelity         every loss output (and CRD's state outputs) equals kd_reference.py on the
                     graph's own taps, on two non-committed pairs, and the loss subgraph alone on
                     synthetic taps
-3. ORT Training     every stage graph trains on the committed pair; the teacher stays
-                    bit-identical; the exported student reproduces the eval-mode module
+3. ORT Training     every stage graph trains on the committed pair (the loss falls; the
+                    method's term falls where it is the whole loss: init stages, --gamma 0);
+                    the teacher stays bit-identical; the exported student reproduces the
+                    eval-mode module
 4. gradients        ORT Training's gradients (first student conv, every added parameter) equal
                     torch autograd: main stage of VID, FT, CRD, OFD; init stage of AB, FSP, FT
 5. degenerate       all-zero images and batch 1: finite losses and gradients
@@ -40,9 +42,9 @@ import kd_reference as R
 import train_ort
 from conftest import ROOT, fixture_path, mf
 from merge_checks import (
-    COMMITTED, FID_ATOL, FID_RTOL, FIDELITY_BATCH, FIDELITY_PAIRS, GRAD_RTOL, PAIRS, TRAIN_BATCH, Joint,
+    COMMITTED, FID_RTOL, FIDELITY_BATCH, FIDELITY_PAIRS, GRAD_RTOL, PAIRS, TRAIN_BATCH, Joint,
     artifacts_factory, assert_finite_step, check_graph_contract, check_ort_training, check_taps_match_torch,
-    compare_terms, first_student_conv_weight, image_batch, joint_factory, label_batch, linear_weight, loss_subgraph,
+    compare_terms, first_student_conv_weight, float64_terms, image_batch, joint_factory, label_batch, linear_weight, loss_subgraph,
     new_stage, relative_error, run_with_taps, session_options, torch_taps,
 )
 
@@ -65,6 +67,8 @@ OFD_TRAIN_TEACHER = "resnet56train-resnet20"
 # upsamples the student (nearest x2 + conv3x3, kd_reference's 'upsample' regressor).
 RESIZING_PAIR = "wrn_40_2-ShuffleV2"
 RESIZING_METHODS = ["vid", "ab", "ft"]
+# `--gamma 0`: the method's term without CE (for gradients and for a term that must fall in training).
+GAMMA0 = ("--gamma", "0")
 
 
 def merge_args(method: str) -> Tuple[str, ...]:
@@ -636,7 +640,7 @@ def test_fidelity(joint, pair, method, stage, extra):
         values = {name: torch.from_numpy(got[name]).double() for name in tap_names(j)}
         want, state = reference_terms(j, values, feeds, bn_batch_stats=False)
         want32, _ = reference_terms(j, values, feeds, bn_batch_stats=False, dtype=torch.float32)
-        compare_terms(j, got, want, FID_RTOL, FID_ATOL, what, want32)
+        compare_terms(j, got, want, FID_RTOL, 0.0, what, want32, float64_terms(j, {**feeds, **{n: got[n] for n in tap_names(j)}}))
         if state:
             compare_state(got, state, feeds, what)
             if z[0] > 0:
@@ -679,7 +683,11 @@ def test_loss_terms_on_synthetic_taps(joint, pair, method, stage):
 # --------------------------------------------------------------------------- 3. ORT Training
 
 
-TRAIN_CASES = [(COMMITTED, m, s, ()) for m in METHODS for s in stage_names(m)]
+# Every stage graph as merged; and the main graphs that hold a term of their method with
+# `--gamma 0`, where that term must fall (an init stage's loss is its term alone).
+TRAIN_CASES = [(COMMITTED, m, s, ()) for m in METHODS for s in stage_names(m)] + [
+    (COMMITTED, m, "main", GAMMA0) for m in METHODS if m not in NO_MAIN_TERM
+]
 
 
 def watched_parameter(j: Joint) -> str:
@@ -690,10 +698,12 @@ def watched_parameter(j: Joint) -> str:
 
 @pytest.mark.parametrize("pair, method, stage, extra", TRAIN_CASES, ids=[case_id(c) for c in TRAIN_CASES])
 def test_ort_training(joint, artifacts, pair, method, stage, extra, tmp_path):
-    """Loss falls in 30 steps (CRD: memories and Z fed back), the teacher stays bit-identical, the
-    exported student matches the eval-mode module (graphs with student outputs)."""
+    """Loss falls in 30 steps (CRD: memories and Z fed back), and so does the method's own term where it
+    is the whole loss (init stages, --gamma 0); the teacher stays bit-identical, the exported student
+    matches the eval-mode module (graphs with student outputs)."""
     j = stage_joint(joint, pair, method, stage, *extra)
-    check_ort_training(j, artifacts(j), graph_feeds(j, TRAIN_BATCH), tmp_path, watched_parameter(j))
+    term = f"loss/{method}" if stage == "init" or extra == GAMMA0 else None
+    check_ort_training(j, artifacts(j), graph_feeds(j, TRAIN_BATCH), tmp_path, watched_parameter(j), term)
 
 
 def test_ort_training_teacher_batch_statistics(joint, artifacts, tmp_path):
@@ -706,7 +716,6 @@ def test_ort_training_teacher_batch_statistics(joint, artifacts, tmp_path):
 # --------------------------------------------------------------------------- 4. gradients
 
 
-GAMMA0 = ("--gamma", "0")
 GRAD_CASES = (
     [(COMMITTED, m, "main", w) for m in ["vid", "ft", "crd", "ofd"] for w in ((), GAMMA0)]
     + [(COMMITTED, m, "init", ()) for m in ["ab", "fsp", "ft"]]
