@@ -54,7 +54,11 @@ fn run(model: &pb::ModelProto, roles: &[Role], batch: usize, shown: &str) -> Res
         .filter(|i| !initializers.contains(i.name.as_str()))
         .collect();
     let mut inference = tract_onnx::onnx()
-        .model_for_proto_model(model)
+        .model_for_proto_model(
+            crate::onnx::normalize::for_tract(model)
+                .as_ref()
+                .unwrap_or(model),
+        )
         .map_err(|e| fail("read", e))?;
     let mut values = TVec::new();
     for (index, input) in feeds.iter().enumerate() {

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::methods::{self, LossContext, TEACHER_PREFIX};
 use crate::onnx::builder::{Attr, GraphBuilder};
 use crate::onnx::prepare::PreparedModel;
-use crate::onnx::{edit, normalize, pb, proto};
+use crate::onnx::{edit, normalize, ort_training, pb, proto};
 use crate::plan::{Plan, Role, TapPair, TrainingStage};
 use crate::sidecar::{Sidecar, StageFiles, LABELS, LOSS};
 
@@ -86,6 +86,13 @@ pub fn assemble(
     edit::prune_to(&mut graph, &wanted);
     edit::topological_sort(&mut graph)?;
     let (requires_grad, frozen_params) = parameters.in_graph(&graph);
+    let mut warnings = plan.warnings.clone();
+    warnings.extend(ort_training::check_trainable_path(
+        &graph,
+        &requires_grad,
+        LOSS,
+        &s_shown,
+    )?);
 
     let model = model_proto(graph, plan, stage, opset, ir_version);
     let sidecar = Sidecar {
@@ -104,7 +111,7 @@ pub fn assemble(
         outputs,
         stages: files.stages(),
         notes: plan.notes.clone(),
-        warnings: plan.warnings.clone(),
+        warnings,
     };
     Ok(Joint { model, sidecar })
 }

@@ -111,10 +111,24 @@ fn check_output_folder(output: &Path) -> Result<()> {
 /// Loads and analyses both models and pairs their taps (what a dry run shows).
 pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Result<Merge> {
     let teacher = load(teacher, options.input_shape.as_deref())?;
-    let student = load(student, options.input_shape.as_deref())?;
+    let mut student = load(student, options.input_shape.as_deref())?;
+    let opset = onnx::proto::onnx_opset(&student.loaded.proto);
+    let graph = student
+        .loaded
+        .proto
+        .graph
+        .as_mut()
+        .expect("prepared models have graphs");
+    let rewrites = onnx::ort_forms::rewrite_for_ort_training(graph, opset);
     let t = analysis::analyse(&teacher.loaded.proto, &teacher.loaded.display())?;
     let s = analysis::analyse(&student.loaded.proto, &student.loaded.display())?;
-    let plan = plan::plan(t, s, options, &methods::all())?;
+    let mut plan = plan::plan(t, s, options, &methods::all())?;
+    let shown = student.loaded.display();
+    plan.notes.extend(
+        rewrites
+            .into_iter()
+            .map(|r| format!("student `{shown}`: {r}")),
+    );
     Ok(Merge {
         teacher,
         student,

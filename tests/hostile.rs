@@ -1716,3 +1716,71 @@ fn joint_graph_over_2_gb_uses_external_data() {
     );
     run.success();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Students ONNX Runtime Training cannot differentiate.
+
+/// An op without an ORT Training gradient between the student's weights and the loss is refused
+/// before anything is written, naming the file, the node and the op; the same op in the
+/// frozen teacher is fine (the teacher gets no gradient).
+#[test]
+fn untrainable_op_on_the_trainable_path() {
+    let case = Case::new("untrainable");
+    let with = |op: &str| {
+        tweaked(|g| {
+            let relu = g
+                .node
+                .iter_mut()
+                .find(|n| n.name == "/stem/Relu")
+                .expect("the tiny net's stem ReLU");
+            relu.op_type = op.into();
+        })
+    };
+    for op in ["Softplus", "Elu"] {
+        let student = case.model(&format!("{op}.onnx"), &with(op));
+        case.refuse(
+            GOOD,
+            &student,
+            &["-m", "at"],
+            1,
+            &[
+                &format!("`{student}`"),
+                "`/stem/Relu`",
+                &format!("({op})"),
+                "ONNX Runtime Training 1.19.2",
+            ],
+        );
+        case.clear_out();
+        case.merge_ok(&student, GOOD, &["-m", "at"]);
+        case.clear_out();
+    }
+}
+
+/// HardSwish in the student (MobileNetV3) is rewritten, said so, and merges.
+#[test]
+fn hard_swish_is_rewritten() {
+    let case = Case::new("hardswish");
+    let student = case.model(
+        "hardswish.onnx",
+        &tweaked(|g| {
+            let relu = g
+                .node
+                .iter_mut()
+                .find(|n| n.name == "/stem/Relu")
+                .expect("the tiny net's stem ReLU");
+            relu.op_type = "HardSwish".into();
+        }),
+    );
+    case.merge_ok(GOOD, &student, &["-m", "at"]);
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(case.join("out/joint.json")).unwrap()).unwrap();
+    assert!(
+        sidecar["notes"]
+            .to_string()
+            .contains("rewrote 1 x HardSwish"),
+        "{}",
+        sidecar["notes"]
+    );
+    let joint = kdgraph::load_model(&case.join(OUT)).unwrap();
+    assert!(joint.graph().node.iter().all(|n| n.op_type != "HardSwish"));
+}

@@ -181,6 +181,14 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
             pre_relu: taps::pre_relu(&flow, tensor).map(str::to_string),
         })
         .collect();
+    let mut notes = found.notes;
+    if crate::onnx::normalize::draws_random(graph) {
+        notes.push(
+            "the model draws random numbers in training mode (Dropout, RandomUniformLike): kdgraph's tract runs \
+             treat each Dropout as identity and each random draw as its lowest value; the joint graph keeps them"
+                .into(),
+        );
+    }
     let batchnorms = graph
         .node
         .iter()
@@ -192,7 +200,7 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         stages,
         embedding: info(&found.embedding),
         logits: info(&found.logits),
-        notes: found.notes,
+        notes,
         batchnorms,
         batchnorm_outputs: batchnorm_outputs(graph, &flow),
         opset,

@@ -53,6 +53,8 @@ pub fn infer_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<Strin
 }
 
 fn tract_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Shape>> {
+    let stand_in = crate::onnx::normalize::for_tract(model);
+    let model = stand_in.as_ref().unwrap_or(model);
     let onnx = tract_onnx::onnx();
     let parsed = onnx.parse(model, None).map_err(|e| {
         Error::unsupported(format!(

@@ -69,22 +69,35 @@ static OPTIONS: [OptionSpec; 5] = [
     },
 ];
 
-/// Negatives are other samples: fewer than the training set has.
-fn check_options(values: &OptionValues) -> Result<()> {
-    let get = |key: &str| {
+/// Negatives are other samples: fewer than the training set has. Without --crd-negatives, the
+/// reference's 16384 shrinks to what the training set holds (N - 1), and the report says so.
+fn settle_options(values: &mut OptionValues, given: &[&str]) -> Result<Vec<String>> {
+    let get = |values: &OptionValues, key: &str| {
         values
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.as_i64())
     };
-    if let (Some(n_data), Some(negatives)) = (get("n_data"), get("negatives")) {
-        if negatives >= n_data {
-            return Err(Error::usage(format!(
-                "--crd-negatives {negatives} must be at least 1 and smaller than --crd-n-data {n_data} (negatives are other samples)"
-            )));
+    let (Some(n_data), Some(negatives)) = (get(values, "n_data"), get(values, "negatives")) else {
+        return Ok(Vec::new());
+    };
+    if negatives < n_data {
+        return Ok(Vec::new());
+    }
+    if given.contains(&"negatives") {
+        return Err(Error::usage(format!(
+            "--crd-negatives {negatives} must be at least 1 and smaller than --crd-n-data {n_data} (negatives are other samples)"
+        )));
+    }
+    for (key, value) in values.iter_mut() {
+        if *key == "negatives" {
+            *value = OptionValue::Int(n_data - 1);
         }
     }
-    Ok(())
+    Ok(vec![format!(
+        "crd: --crd-negatives defaults to {} here, the other samples of --crd-n-data {n_data} (the reference's {negatives} needs a larger training set)",
+        n_data - 1
+    )])
 }
 
 pub const INDEX: &str = "kd/crd/index";
@@ -103,7 +116,7 @@ pub static SPEC: MethodSpec = MethodSpec {
     },
     remark: Some("needs the data loader's sample indices and contrast indices, and carries two memory banks as state inputs and outputs"),
     options: &OPTIONS,
-    check_options: Some(check_options),
+    settle_options: Some(settle_options),
     connectors,
     ..SPEC_DEFAULTS
 };

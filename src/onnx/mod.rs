@@ -5,6 +5,8 @@ pub mod builder;
 pub mod edit;
 pub mod io;
 pub mod normalize;
+pub mod ort_forms;
+pub mod ort_training;
 pub mod prepare;
 pub mod proto;
 pub mod validate;

@@ -149,3 +149,88 @@ pub fn inference_dropout(graph: &mut pb::GraphProto, model: &str) -> Result<()> 
     }
     Ok(())
 }
+
+/// Whether a graph has Dropout or random draws, which tract runs only through [`for_tract`].
+pub fn draws_random(graph: &pb::GraphProto) -> bool {
+    graph.node.iter().any(|n| {
+        matches!(
+            n.op_type.as_str(),
+            "Dropout" | "RandomUniformLike" | "RandomNormalLike"
+        )
+    })
+}
+
+/// A copy of `model` that tract can run, where the model draws random numbers in training mode
+/// (tract runs neither training-mode Dropout nor RandomUniformLike): every Dropout whose mask
+/// nobody reads becomes an Identity, and every RandomUniformLike / RandomNormalLike yields its
+/// lowest value / mean (for torch's stochastic depth: every unit kept). None when the model
+/// needs no such change. Shapes are unchanged; values are those of a deterministic draw.
+pub fn for_tract(model: &pb::ModelProto) -> Option<pb::ModelProto> {
+    let graph = model.graph.as_ref()?;
+    if !draws_random(graph) {
+        return None;
+    }
+    let read: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(graph.output.iter().map(|o| o.name.clone()))
+        .collect();
+    let mut copy = model.clone();
+    let graph = copy.graph.as_mut().expect("checked above");
+    let mut constants = Vec::new();
+    for node in graph.node.iter_mut() {
+        let value = |name: &str, default: f32| {
+            node.attribute
+                .iter()
+                .find(|a| a.name == name)
+                .map(|a| a.f)
+                .unwrap_or(default)
+        };
+        match node.op_type.as_str() {
+            "Dropout" if node.output.iter().skip(1).all(|m| !read.contains(m)) => {
+                node.op_type = "Identity".into();
+                node.input.truncate(1);
+                node.output.truncate(1);
+                node.attribute.clear();
+            }
+            "RandomUniformLike" | "RandomNormalLike" => {
+                let level = if node.op_type == "RandomUniformLike" {
+                    value("low", 0.0)
+                } else {
+                    value("mean", 0.0)
+                };
+                // x - x + level: the input's shape and type, every element `level`.
+                let zeros = format!("{}/for_tract/zeros", node.output[0]);
+                let level_name = format!("{}/for_tract/level", node.output[0]);
+                constants.push(pb::NodeProto {
+                    op_type: "Sub".into(),
+                    input: vec![node.input[0].clone(), node.input[0].clone()],
+                    output: vec![zeros.clone()],
+                    name: zeros.clone(),
+                    ..Default::default()
+                });
+                graph.initializer.push(pb::TensorProto {
+                    name: level_name.clone(),
+                    data_type: pb::tensor_proto::DataType::Float as i32,
+                    float_data: vec![level],
+                    ..Default::default()
+                });
+                node.op_type = "Add".into();
+                node.input = vec![zeros, level_name];
+                node.attribute.clear();
+            }
+            _ => {}
+        }
+    }
+    // The Sub nodes read only the Random*Like input, which precedes the node they feed.
+    for sub in constants {
+        let feeds = graph
+            .node
+            .iter()
+            .position(|n| n.input.first() == sub.output.first())
+            .expect("each Sub feeds the Add it was made for");
+        graph.node.insert(feeds, sub);
+    }
+    Some(copy)
+}

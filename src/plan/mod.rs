@@ -236,8 +236,8 @@ pub fn plan(
             methods.push(method);
         }
     }
-    let hyper = hyper_parameters(&methods, options, &resolve)?;
     let mut notes = Vec::new();
+    let hyper = hyper_parameters(&methods, options, &resolve, &mut notes)?;
     if hyper.alpha > 0.0 && !methods.iter().any(|m| m.is_kd()) {
         methods.push(resolve(KD)?);
         notes.push(format!(
@@ -267,6 +267,15 @@ pub fn plan(
              training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)",
             student.model
         ));
+    }
+    for model in [&teacher, &student] {
+        if let Some(batch) = model.inputs[0].shape.first().and_then(fixed) {
+            warnings.push(format!(
+                "`{}` fixes the batch size of input `{}` at {batch}: the joint graph trains (and is checked) at batch {batch} only; \
+                 export it with a dynamic batch axis (dynamic_axes or dynamic_shapes) to train at other sizes",
+                model.model, model.inputs[0].name
+            ));
+        }
     }
     for &method in &methods {
         for option in method.spec().options {
@@ -343,6 +352,7 @@ fn hyper_parameters(
     methods: &[MethodName],
     options: &PlanOptions,
     resolve: &dyn Fn(&str) -> Result<MethodName>,
+    notes: &mut Vec<String>,
 ) -> Result<Hyper> {
     let base = methods
         .iter()
@@ -398,7 +408,7 @@ fn hyper_parameters(
         alpha,
         temperature: options.temperature,
         beta,
-        options: method_options(methods, &options.method_options)?,
+        options: method_options(methods, &options.method_options, notes)?,
         teacher_batch_statistics: options.teacher_batch_statistics,
     })
 }
@@ -408,6 +418,7 @@ fn hyper_parameters(
 fn method_options(
     methods: &[MethodName],
     given: &[(String, OptionValue)],
+    notes: &mut Vec<String>,
 ) -> Result<Vec<(MethodName, OptionValues)>> {
     for (flag, _) in given {
         if !methods
@@ -426,12 +437,14 @@ fn method_options(
             continue;
         }
         let mut values = OptionValues::new();
+        let mut given_keys = Vec::new();
         for option in spec.options {
             let value = given
                 .iter()
                 .rev()
                 .find(|(flag, _)| flag == option.flag)
                 .map(|(_, v)| *v)
+                .inspect(|_| given_keys.push(option.key))
                 .or(option.default);
             let Some(value) = value else { continue };
             let v = value.as_f64();
@@ -443,8 +456,8 @@ fn method_options(
             }
             values.push((option.key, value));
         }
-        if let Some(check) = spec.check_options {
-            check(&values)?;
+        if let Some(settle) = spec.settle_options {
+            notes.extend(settle(&mut values, &given_keys)?);
         }
         all.push((method, values));
     }

@@ -127,8 +127,9 @@ pub struct MethodSpec {
     /// How the method departs from "one graph, one loss" (stages, scaling), for the report.
     pub remark: Option<&'static str>,
     pub options: &'static [OptionSpec],
-    /// Cross-option checks beyond each option's range.
-    pub check_options: Option<fn(&OptionValues) -> Result<()>>,
+    /// Cross-option checks beyond each option's range, and defaults that depend on other
+    /// options: takes the values and the keys the user gave; returns notes for the report.
+    pub settle_options: Option<fn(&mut OptionValues, &[&str]) -> Result<Vec<String>>>,
     pub connectors: ConnectorsFn,
     /// What the report should say about one of the method's pairs (e.g. OFD's margins).
     pub pair_note: Option<fn(&super::TapPair) -> Option<String>>,
@@ -148,7 +149,7 @@ pub const SPEC_DEFAULTS: MethodSpec = MethodSpec {
     init_stage: None,
     remark: None,
     options: &[],
-    check_options: None,
+    settle_options: None,
     connectors: no_connectors,
     pair_note: None,
 };
