@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/python-env.sh
+# tests/hostile.rs kills kdgraph between two renames with strace.
+if ! command -v strace >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -qq strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
+fi
 cargo build --locked --features fuzz-harness
 cargo test --locked --features fuzz-harness
 KDGRAPH_BIN="$PWD/target/debug/kdgraph" .venv/bin/python -m pytest -q tests/python "$@"

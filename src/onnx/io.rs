@@ -345,9 +345,19 @@ impl Drop for AtomicWrite {
 
 /// Encodes a model for `path`; when it would pass the protobuf limit, moves its large
 /// initializers to `<file>.data` beside it and returns that side file too.
-pub fn encode_model(mut proto: pb::ModelProto, path: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+pub fn encode_model(proto: pb::ModelProto, path: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+    encode_within(proto, path, PROTOBUF_LIMIT)
+}
+
+/// [`encode_model`] with the size a message may have (a parameter, so that tests reach the
+/// external-data path with small models).
+fn encode_within(
+    mut proto: pb::ModelProto,
+    path: &Path,
+    limit: usize,
+) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     let mut files = Vec::new();
-    if proto.encoded_len() > PROTOBUF_LIMIT {
+    if proto.encoded_len() > limit {
         let data_name = format!(
             "{}.data",
             path.file_name()
@@ -374,7 +384,7 @@ pub fn encode_model(mut proto: pb::ModelProto, path: &Path) -> Result<Vec<(PathB
                 }
             }
         }
-        if proto.encoded_len() > PROTOBUF_LIMIT {
+        if proto.encoded_len() > limit {
             return Err(Error::unsupported(format!(
                 "`{}` would exceed the 2 GB protobuf limit even with its weights in external data",
                 path.display()
@@ -384,4 +394,74 @@ pub fn encode_model(mut proto: pb::ModelProto, path: &Path) -> Result<Vec<(PathB
     }
     files.insert(0, (path.to_path_buf(), proto.encode_to_vec()));
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_with_weight(values: usize) -> pb::ModelProto {
+        let weight = pb::TensorProto {
+            name: "w".into(),
+            dims: vec![values as i64],
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            raw_data: (0..values)
+                .flat_map(|i| (i as f32 * 0.5).to_le_bytes())
+                .collect(),
+            ..Default::default()
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(pb::GraphProto {
+                node: vec![pb::NodeProto {
+                    op_type: "Identity".into(),
+                    input: vec!["w".into()],
+                    output: vec!["y".into()],
+                    ..Default::default()
+                }],
+                initializer: vec![weight],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Past the limit, large weights move to `<file>.data`, and the pair loads back the same.
+    #[test]
+    fn past_the_limit_weights_go_to_external_data() {
+        let dir = std::env::temp_dir().join(format!("kdgraph-io-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("joint.onnx");
+        let model = model_with_weight(2048);
+        let files = encode_within(model.clone(), &path, 4096).unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[1].0, dir.join("joint.onnx.data"));
+        assert!(
+            files[0].1.len() < 4096,
+            "the graph itself stays under the limit"
+        );
+        for (file, bytes) in &files {
+            fs::write(file, bytes).unwrap();
+        }
+        let loaded = load_model(&path).unwrap();
+        let original = &model.graph.as_ref().unwrap().initializer[0];
+        let back = &loaded.graph().initializer[0];
+        assert_eq!(proto::float_values(back), proto::float_values(original));
+        // Under the limit: one file.
+        assert_eq!(
+            encode_within(model.clone(), &path, 1 << 20).unwrap().len(),
+            1
+        );
+        // A graph that cannot get under the limit even so is refused.
+        let refused = encode_within(model, &path, 16).unwrap_err();
+        assert!(
+            refused.message().contains("2 GB protobuf limit"),
+            "{refused}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
