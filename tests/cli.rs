@@ -864,7 +864,7 @@ fn dot_into_a_missing_folder() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Known bugs: these state the intended behaviour and fail today; run with `--ignored`.
+// Once bugs (now fixed): --dot may not replace an input; a repeated method is planned once.
 
 #[test]
 fn dot_never_overwrites_an_input() {
