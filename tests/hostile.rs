@@ -1798,3 +1798,87 @@ fn hard_swish_is_rewritten() {
     let joint = kdgraph::load_model(&case.join(OUT)).unwrap();
     assert!(joint.graph().node.iter().all(|n| n.op_type != "HardSwish"));
 }
+
+/// A teacher BatchNorm whose parameters arrive through Identity (the TorchScript exporter's
+/// de-duplicated weights: every fresh network has equal running statistics) and a Constant
+/// node: constants are constants. It merges, folded, and OFD reads its margins.
+#[test]
+fn batchnorm_parameters_through_identity_and_constant() {
+    let case = Case::new("bn-identity");
+    let teacher = tweaked(|g| {
+        let relu = g
+            .node
+            .iter_mut()
+            .find(|n| n.name == "/stem/Relu")
+            .expect("the stem ReLU");
+        relu.input[0] = "stem_bn".into();
+        let mut ones = weight("bn.gamma", &[4]);
+        ones.float_data = vec![1.0, 0.5, 2.0, 1.5];
+        let mut var = weight("bn.var", &[4]);
+        var.float_data = vec![1.0; 4];
+        g.initializer.extend([ones, var]);
+        let beta = pb::TensorProto {
+            name: "bn_beta_value".into(),
+            dims: vec![4],
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            float_data: vec![0.1, -0.2, 0.3, 0.0],
+            ..Default::default()
+        };
+        let constant = pb::AttributeProto {
+            name: "value".into(),
+            t: Some(beta),
+            r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+            ..Default::default()
+        };
+        let at = g.node.iter().position(|n| n.name == "/stem/Relu").unwrap();
+        g.node.insert(
+            at,
+            node(
+                "Identity",
+                "/bn/gamma_copy",
+                &["bn.gamma"],
+                &["bn_gamma"],
+                vec![],
+            ),
+        );
+        g.node.insert(
+            at,
+            node("Constant", "/bn/beta", &[], &["bn_beta"], vec![constant]),
+        );
+        g.node.insert(
+            at,
+            node(
+                "Identity",
+                "/bn/mean_copy",
+                &["bn.var"],
+                &["bn_mean"],
+                vec![],
+            ),
+        );
+        g.node.insert(
+            at + 3,
+            node(
+                "BatchNormalization",
+                "/stem/BatchNormalization",
+                &["stem_conv", "bn_gamma", "bn_beta", "bn_mean", "bn.var"],
+                &["stem_bn"],
+                vec![],
+            ),
+        );
+    });
+    let teacher = case.model("teacher.onnx", &teacher);
+    case.merge_ok(&teacher, GOOD, &["-m", "at"]);
+    case.clear_out();
+    let run = case.merge(
+        &teacher,
+        GOOD,
+        &["-m", "ofd", "--tap", "stem_bn=stem_conv", "--dry-run"],
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("margins from the teacher's BatchNorm `/stem/BatchNormalization`"),
+        "{}",
+        run.stdout
+    );
+}

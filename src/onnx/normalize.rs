@@ -234,3 +234,89 @@ pub fn for_tract(model: &pb::ModelProto) -> Option<pb::ModelProto> {
     }
     Some(copy)
 }
+
+/// Makes constants visible as initializers: a Constant node becomes an initializer of its output's
+/// name, and a node that only renames a constant (Identity, or a Cast to the type it already has,
+/// as the TorchScript exporter writes for de-duplicated weights) is removed, its readers reading
+/// the constant itself. Graph outputs keep their producers.
+pub fn inline_constant_aliases(graph: &mut pb::GraphProto) {
+    use pb::attribute_proto::AttributeType as A;
+    use pb::tensor_proto::DataType as T;
+    let outputs: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    let mut types: std::collections::HashMap<String, i32> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.data_type))
+        .collect();
+    let mut alias: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut kept = Vec::with_capacity(graph.node.len());
+    for mut node in std::mem::take(&mut graph.node) {
+        for input in node.input.iter_mut() {
+            if let Some(original) = alias.get(input.as_str()) {
+                *input = original.clone();
+            }
+        }
+        let output = node.output.first().cloned().unwrap_or_default();
+        if node.output.len() != 1 || outputs.contains(&output) {
+            kept.push(node);
+            continue;
+        }
+        match node.op_type.as_str() {
+            "Constant" => {
+                let attribute = node.attribute.first();
+                let tensor = attribute.and_then(|a| match (a.name.as_str(), a.r#type) {
+                    ("value", _) => a.t.clone(),
+                    ("value_float", t) if t == A::Float as i32 => Some(pb::TensorProto {
+                        data_type: T::Float as i32,
+                        float_data: vec![a.f],
+                        ..Default::default()
+                    }),
+                    ("value_floats", _) => Some(pb::TensorProto {
+                        data_type: T::Float as i32,
+                        dims: vec![a.floats.len() as i64],
+                        float_data: a.floats.clone(),
+                        ..Default::default()
+                    }),
+                    ("value_int", t) if t == A::Int as i32 => Some(pb::TensorProto {
+                        data_type: T::Int64 as i32,
+                        int64_data: vec![a.i],
+                        ..Default::default()
+                    }),
+                    ("value_ints", _) => Some(pb::TensorProto {
+                        data_type: T::Int64 as i32,
+                        dims: vec![a.ints.len() as i64],
+                        int64_data: a.ints.clone(),
+                        ..Default::default()
+                    }),
+                    _ => None,
+                });
+                match tensor.filter(|t| {
+                    t.data_location != Some(pb::tensor_proto::DataLocation::External as i32)
+                }) {
+                    Some(mut tensor) if node.attribute.len() == 1 => {
+                        tensor.name = output.clone();
+                        types.insert(output, tensor.data_type);
+                        graph.initializer.push(tensor);
+                    }
+                    _ => kept.push(node),
+                }
+            }
+            "Identity" | "Cast" => {
+                let source = node.input.first().cloned().unwrap_or_default();
+                let same_type = node.op_type == "Identity"
+                    || node
+                        .attribute
+                        .iter()
+                        .find(|a| a.name == "to")
+                        .is_some_and(|a| types.get(&source) == Some(&(a.i as i32)));
+                if types.contains_key(&source) && same_type {
+                    alias.insert(output, source);
+                } else {
+                    kept.push(node);
+                }
+            }
+            _ => kept.push(node),
+        }
+    }
+    graph.node = kept;
+}

@@ -21,6 +21,7 @@ pub fn prepare(mut loaded: LoadedModel, input_shape: Option<&[i64]>) -> Result<P
         .take()
         .expect("load_model guarantees a graph");
     validate::validate(&mut graph, &loaded.proto, &shown)?;
+    normalize::inline_constant_aliases(&mut graph);
     if let Some(dims) = input_shape {
         normalize::fix_input_shape(&mut graph, dims, &shown)?;
     }
