@@ -32,6 +32,42 @@ pub struct Taps {
     pub notes: Vec<String>,
 }
 
+/// Ops that may stand between a convolutional classifier and the logits.
+const AFTER_CONV_CLASSIFIER: [&str; 10] = [
+    "Relu",
+    "GlobalAveragePool",
+    "AveragePool",
+    "ReduceMean",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Dropout",
+    "Identity",
+    "Softmax",
+];
+
+/// The cut written by a 1x1 convolution with one output channel per class, after which only
+/// activation, pooling and reshaping lead to the logits (SqueezeNet, DLA): a classifier.
+fn conv_classifier(
+    flow: &Dataflow,
+    cuts: &[&str],
+    shapes: &HashMap<String, Shape>,
+) -> Option<usize> {
+    let classes = shapes.get(*cuts.last()?)?.get(1).and_then(fixed)?;
+    let i = cuts
+        .iter()
+        .rposition(|t| flow.producer(t).is_some_and(|n| n.op_type == "Conv"))?;
+    let conv = flow.producer(cuts[i])?;
+    let pointwise =
+        proto::attr_ints(conv, "kernel_shape").is_some_and(|k| k.iter().all(|&d| d == 1));
+    let per_class = shapes.get(cuts[i]).and_then(|s| s.get(1)).and_then(fixed) == Some(classes);
+    let only_pooling = cuts[i + 1..].iter().all(|t| {
+        flow.producer(t)
+            .is_some_and(|n| AFTER_CONV_CLASSIFIER.contains(&n.op_type.as_str()))
+    });
+    (pointwise && per_class && only_pooling).then_some(i)
+}
+
 /// Finds the taps of a model from its dataflow and tensor shapes.
 pub fn find_taps(
     flow: &Dataflow,
@@ -40,10 +76,22 @@ pub fn find_taps(
     shown: &str,
 ) -> Result<Taps> {
     let cuts = flow.cuts_to(logits);
-    let classifier = cuts.iter().rposition(|t| {
-        flow.producer(t)
-            .is_some_and(|n| n.op_type == "Gemm" || n.op_type == "MatMul")
-    });
+    let mut notes = Vec::new();
+    let classifier = cuts
+        .iter()
+        .rposition(|t| {
+            flow.producer(t)
+                .is_some_and(|n| n.op_type == "Gemm" || n.op_type == "MatMul")
+        })
+        .or_else(|| {
+            let i = conv_classifier(flow, &cuts, shapes)?;
+            notes.push(format!(
+                "the classifier is the 1x1 convolution that writes `{}`, followed by pooling: the embedding is \
+                 the map it reads, averaged over space by the methods that read an embedding",
+                cuts[i]
+            ));
+            Some(i)
+        });
     let embedding = match classifier {
         Some(i) => {
             // The classifier's own input: after a training-mode Dropout where the export kept one.
@@ -90,7 +138,7 @@ pub fn find_taps(
             groups.remove(k);
         }
     }
-    let mut notes = Vec::new();
+
     let last_group = groups.len() - 1;
     let mut spatial: Vec<String> = Vec::with_capacity(groups.len() + 1);
     for (index, group) in groups.iter().enumerate() {

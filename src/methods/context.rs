@@ -6,7 +6,8 @@ use crate::analysis::shapes::fixed;
 use crate::error::Result;
 use crate::onnx::builder::{Attr, GraphBuilder};
 use crate::plan::{
-    Connector, ConvInit, Hyper, Layer, MethodName, OptionValue, Role, Side, TapPair, TrainingStage,
+    Connector, ConvInit, Hyper, Layer, MethodName, OptionValue, Role, Side, TapKind, TapPair,
+    TrainingStage,
 };
 
 /// The prefix of every teacher name in the joint graph.
@@ -66,6 +67,24 @@ impl LossContext<'_> {
             Side::Teacher => pair.teacher.shape.get(1).and_then(fixed),
             Side::Student => pair.student.shape.get(1).and_then(fixed),
         };
+        // An embedding read where a convolutional classifier reads it (SqueezeNet): a map,
+        // averaged over space into the vector a linear classifier would read.
+        let info = match side {
+            Side::Teacher => &pair.teacher,
+            Side::Student => &pair.student,
+        };
+        if self.method.spec().taps == TapKind::Embedding && info.shape.len() == 4 {
+            let base = self.name(&format!("{}/{side}_embedding", pair.stage));
+            let pooled = self
+                .b
+                .unary("GlobalAveragePool", &x, &format!("{base}/pooled"));
+            x = self.b.op(
+                "Flatten",
+                &[&pooled],
+                vec![("axis", Attr::Int(1))],
+                &format!("{base}/flat"),
+            );
+        }
         let pool_first = self.method.spec().pool_before_connector;
         if pool_first {
             x = self.pool(pair, side, &x, channels);

@@ -158,10 +158,11 @@ pub fn feat_dim(options: &super::OptionValues) -> i64 {
         .unwrap_or(FEAT_DIM)
 }
 
-/// The feature size of a [N, D] embedding.
+/// The feature size of a [N, D] embedding, or of [N, C, H, W] averaged over space (the input
+/// of a convolutional classifier).
 pub fn features(info: &TensorInfo) -> Result<i64> {
     match info.shape.as_slice() {
-        [_, d] => fixed(d).ok_or_else(|| not_embedding(info)),
+        [_, d] | [_, d, _, _] => fixed(d).ok_or_else(|| not_embedding(info)),
         _ => Err(not_embedding(info)),
     }
 }
