@@ -301,7 +301,7 @@ pub fn plan(
                 check_tap_ranks(method, kind, given)?;
                 given.clone()
             }
-            (None, kind) => automatic_pairs(&teacher, &student, kind, method, &mut notes)?,
+            (None, kind) => automatic_pairs(&teacher, &student, kind, method, known, &mut notes)?,
         };
         let values = hyper
             .options
@@ -529,6 +529,7 @@ fn automatic_pairs(
     student: &ModelAnalysis,
     kind: TapKind,
     method: MethodName,
+    known: &[MethodName],
     notes: &mut Vec<String>,
 ) -> Result<Vec<Candidate>> {
     let post = |s: &NetworkStage| s.info();
@@ -587,8 +588,28 @@ fn automatic_pairs(
     };
     let n = t_stages.len().min(s_stages.len());
     if n == 0 {
+        let (role, model) = if t_stages.is_empty() {
+            ("teacher", teacher)
+        } else {
+            ("student", student)
+        };
+        let maps = model
+            .stages
+            .iter()
+            .map(|s| format!("{} {} `{}`", s.name, show_shape(&s.shape), s.tensor))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let logit_and_embedding: Vec<&str> = known
+            .iter()
+            .filter(|m| matches!(m.spec().taps, TapKind::Logits | TapKind::Embedding))
+            .map(|m| m.as_str())
+            .collect();
         return Err(Error::unsupported(format!(
-            "{method} needs stage ends, but one of the models has none after its stem"
+            "{method} compares feature maps at stage ends, but {role} `{}` has no spatial map after its stem \
+             (its spatial maps: {maps}; a transformer, say, keeps tokens after its patch embedding); \
+             use a method on the logits or the embedding ({}), or pair tensors with --tap",
+            model.model,
+            logit_and_embedding.join(", ")
         )));
     }
     if t_stages.len() != s_stages.len() {
