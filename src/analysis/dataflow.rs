@@ -160,6 +160,15 @@ impl<'a> Dataflow<'a> {
         false
     }
 
+    /// The nodes that read a data tensor.
+    pub fn consumers(&self, tensor: &str) -> impl Iterator<Item = &'a pb::NodeProto> + '_ {
+        self.consumers
+            .get(tensor)
+            .into_iter()
+            .flatten()
+            .map(|&n| &self.graph.node[n])
+    }
+
     /// Every vertex from which `target` can be reached, `target` included.
     fn ancestors(&self, target: NodeIndex) -> HashSet<NodeIndex> {
         let mut seen = HashSet::from([target]);

@@ -178,7 +178,13 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
             },
             tensor: tensor.clone(),
             shape: info(tensor).shape,
-            pre_relu: taps::pre_relu(&flow, tensor).map(str::to_string),
+            pre_relu: taps::pre_relu(&flow, tensor)
+                .or_else(|| {
+                    (index > 0)
+                        .then(|| taps::preactivation(&flow, tensor))
+                        .flatten()
+                })
+                .map(str::to_string),
         })
         .collect();
     let mut notes = found.notes;

@@ -289,3 +289,16 @@ pub fn pre_relu<'a>(flow: &Dataflow<'a>, tensor: &str) -> Option<&'a str> {
     let node: &'a pb::NodeProto = flow.producer(tensor).filter(|n| n.op_type == "Relu")?;
     node.input.first().map(String::as_str)
 }
+
+/// The pre-activation point after a stage end that is not a ReLU's output: in a pre-activation
+/// network (WideResNet, pre-act ResNet) the next block opens with BatchNorm then ReLU, and the
+/// tensor before that ReLU is the BN's output (RepDistiller's WRN `preact` feats, and the BN
+/// that clovaai's OFD takes its margins from).
+pub fn preactivation<'a>(flow: &Dataflow<'a>, tensor: &str) -> Option<&'a str> {
+    flow.consumers(tensor)
+        .filter(|n| {
+            n.op_type == "BatchNormalization" && n.input.first().is_some_and(|i| i == tensor)
+        })
+        .filter_map(|bn| bn.output.first().map(String::as_str))
+        .find(|out| flow.consumers(out).any(|n| n.op_type == "Relu"))
+}

@@ -20,12 +20,14 @@ TOLERANCE = {"eval": (1e-4, 1e-4), "train": (1e-3, 1e-3)}
 
 
 # Whether each entry of `stages` (stem first) ends in a ReLU, by architecture family.
-# True: pre_relu must name the ReLU's input; False: pre_relu must be null. ShuffleV2's stage
+# True: pre_relu must name the ReLU's input; "bn": the stage end is a raw residual sum and the
+# next block opens with BN + ReLU (pre-activation WRN), so pre_relu must name that BN's output;
+# False: pre_relu must be null. ShuffleV2's stage
 # ends are channel shuffles of concat(x1, ReLU(..)), made by a Reshape, not a ReLU: null (the
 # reference's pre-ReLU feat is an unshuffled concat that the graph does not contain).
 RELU_AT_STAGE_END = {
     "resnet": [True, True, True, True],
-    "wrn": [False, False, False, False],
+    "wrn": [False, "bn", "bn", "bn"],
     "vgg": [True, True, True, True, True],
     "mobile_half": [True, False, False, False, False],
     "ShuffleV2": [True, False, False, False],
@@ -116,7 +118,7 @@ def test_taps_match_torch_feats(kdgraph_bin, name, mode, batch):
         where = f"stage {stage['index']} ({stage['tensor']})"
         check_tensor(where, stage["shape"], got[stage["tensor"]], want_post, n, mode)
         if has_relu:
-            assert stage["pre_relu"] is not None, f"{where} ends in a ReLU: pre_relu expected"
+            assert stage["pre_relu"] is not None, f"{where} ends in a ReLU (or opens a BN + ReLU): pre_relu expected"
         else:
             assert stage["pre_relu"] is None, f"{where} has no ReLU at its end: pre_relu must be null"
         if stage["pre_relu"]:
