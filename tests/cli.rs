@@ -386,7 +386,7 @@ fn every_method_taps_and_weights_follow_methods_md() {
             assert!(
                 notes
                     .iter()
-                    .all(|n| n.contains("no BatchNorm feeds teacher")),
+                    .all(|n| n.contains("margins are a batch estimate")),
                 "{notes:?}"
             );
         } else {

@@ -22,7 +22,7 @@ pub static SPEC: MethodSpec = MethodSpec {
     pools: true,
     remark: Some("the term is the stage-weighted sum (last stage weight 1, each earlier half) divided by the batch size, with teacher maps clipped at margins from the teacher's BatchNorm"),
     connectors,
-    pair_note: Some(margin_note),
+    review_pairs: Some(margin_sources),
     ..SPEC_DEFAULTS
 };
 
@@ -99,18 +99,39 @@ pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>
     Ok(Some(ctx.per_sample_sum(&terms)))
 }
 
-/// Where a pair's margins come from, for the report.
-fn margin_note(pair: &TapPair) -> Option<String> {
-    Some(match &pair.teacher_batchnorm {
-        Some(bn) => format!(
-            "ofd {}: margins from the teacher's BatchNorm `{}`",
-            pair.stage, bn.node
-        ),
-        None => format!(
-            "ofd {}: no BatchNorm feeds teacher `{}` (folded at export?): margins are the batch's mean negative response per channel",
-            pair.stage, pair.teacher.tensor
-        ),
-    })
+/// Where each pair's margins come from; a warning, with the remedy, where they are estimated.
+fn margin_sources(pairs: &[&TapPair]) -> (Vec<String>, Vec<String>) {
+    let notes = pairs
+        .iter()
+        .map(|pair| match &pair.teacher_batchnorm {
+            Some(bn) => format!(
+                "ofd {}: margins from the teacher's BatchNorm `{}` (as clovaai's)",
+                pair.stage, bn.node
+            ),
+            None => format!(
+                "ofd {}: margins are a batch estimate (the batch's mean negative response per channel): \
+                 no BatchNorm feeds teacher `{}`",
+                pair.stage, pair.teacher.tensor
+            ),
+        })
+        .collect();
+    let estimated = pairs
+        .iter()
+        .filter(|p| p.teacher_batchnorm.is_none())
+        .count();
+    let warnings = (estimated > 0)
+        .then(|| {
+            format!(
+                "ofd: {estimated} of {} stages estimate their margins from the batch, since the teacher's BatchNorms \
+                 were folded at export; clovaai's margins come from those BatchNorms: export the teacher keeping them, \
+                 torch.onnx.export(teacher.eval(), (x,), path, dynamo=True, optimize=False) (kdgraph folds them itself \
+                 in the joint graph)",
+                pairs.len()
+            )
+        })
+        .into_iter()
+        .collect();
+    (notes, warnings)
 }
 
 /// `m - s * phi(m/s) / Phi(-m/s)` if `Phi(-m/s) > 0.001`, else `-3s`, with `s = |gamma|`, `m = beta`.

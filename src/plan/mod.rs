@@ -329,10 +329,13 @@ pub fn plan(
                 connector,
                 connectors,
             };
-            if let Some(note) = spec.pair_note.and_then(|note| note(&pair)) {
-                notes.push(note);
-            }
             pairs.push(pair);
+        }
+        if let Some(review) = spec.review_pairs {
+            let own: Vec<&TapPair> = pairs.iter().filter(|p| p.method == method).collect();
+            let (more_notes, more_warnings) = review(&own);
+            notes.extend(more_notes);
+            warnings.extend(more_warnings);
         }
     }
     Ok(Plan {

@@ -131,8 +131,9 @@ pub struct MethodSpec {
     /// options: takes the values and the keys the user gave; returns notes for the report.
     pub settle_options: Option<fn(&mut OptionValues, &[&str]) -> Result<Vec<String>>>,
     pub connectors: ConnectorsFn,
-    /// What the report should say about one of the method's pairs (e.g. OFD's margins).
-    pub pair_note: Option<fn(&super::TapPair) -> Option<String>>,
+    /// What the report should say about the method's pairs (e.g. where OFD's margins come
+    /// from): (notes, warnings).
+    pub review_pairs: Option<fn(&[&super::TapPair]) -> (Vec<String>, Vec<String>)>,
 }
 
 /// The defaults of a method without connectors, options or remarks; specs spread it.
@@ -151,7 +152,7 @@ pub const SPEC_DEFAULTS: MethodSpec = MethodSpec {
     options: &[],
     settle_options: None,
     connectors: no_connectors,
-    pair_note: None,
+    review_pairs: None,
 };
 
 fn no_connectors(_: &TensorInfo, _: &TensorInfo, _: &OptionValues) -> Result<Vec<Connector>> {
