@@ -605,9 +605,10 @@ TERM_FALL = 0.05
 
 
 def check_ort_training(
-    j: Joint, workdir: Path, feeds: Dict[str, np.ndarray], tmp_path: Path, watched: str, term: Optional[str] = None
+    j: Joint, workdir: Path, feeds: Dict[str, np.ndarray], tmp_path: Path, watched: str, term: Optional[str] = None,
+    steps: int = TRAIN_STEPS,
 ):
-    """Loss falls over TRAIN_STEPS steps; `term` (a method's own term) falls by TERM_FALL too;
+    """Loss falls over `steps` steps (TRAIN_STEPS); `term` (a method's own term) falls by TERM_FALL too;
     `watched` changes; the teacher stays bit-identical; for a graph with student outputs, the
     exported student reproduces the eval-mode module.
 
@@ -625,7 +626,7 @@ def check_ort_training(
     history: Dict[str, List[float]] = {n: [] for n in watched_outputs}
     links = state_pairs(stage.sidecar)
     next_feeds = dict(feeds)
-    for _ in range(TRAIN_STEPS):
+    for _ in range(steps):
         out = stage.step(next_feeds)
         for n in watched_outputs:
             history[n].append(float(out[n]))
@@ -633,12 +634,12 @@ def check_ort_training(
     last = stage.forward_backward(next_feeds)
     losses, final = history["loss"], float(last["loss"])
     assert np.all(np.isfinite(losses)) and np.isfinite(final), f"{where}: non-finite loss {losses} / {final}"
-    assert final < losses[0], f"{where}: loss did not fall in {TRAIN_STEPS} steps: {losses[0]} -> {final} ({losses})"
+    assert final < losses[0], f"{where}: loss did not fall in {steps} steps: {losses[0]} -> {final} ({losses})"
     if term:
         assert term in j.loss_names, f"{where}: no output `{term}` among {j.loss_names}"
         first, last_term = history[term][0], float(last[term])
         assert np.isfinite(last_term) and last_term < (1 - TERM_FALL) * first, (
-            f"{where}: `{term}` did not fall by {TERM_FALL:.0%} in {TRAIN_STEPS} steps: {first:.6g} -> {last_term:.6g} "
+            f"{where}: `{term}` did not fall by {TERM_FALL:.0%} in {steps} steps: {first:.6g} -> {last_term:.6g} "
             f"({[float(f'{v:.4g}') for v in history[term]]})"
         )
     assert not np.array_equal(stage.parameter(watched), before), f"{where}: `{watched}` did not change"
