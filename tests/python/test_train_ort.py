@@ -54,10 +54,10 @@ def softplus_instead_of_relu(sidecar_path: Path) -> str:
     sidecar = json.loads(sidecar_path.read_text())
     model_path = sidecar_path.parent / sidecar["model"]
     j = Joint(model_path, COMMITTED, ("kd",), train_ort.read_sidecar(sidecar_path))
-    on_path = {id(n) for n in gradient_path(j)}
+    on_path = {n.output[0] for n in gradient_path(j)}  # by output: protobuf wrappers have no stable id()
     model = j.model
     node = next(n for n in model.graph.node
-                if n.op_type == "Relu" and id(n) in on_path and not n.name.startswith(("teacher/", "kd/")))
+                if n.op_type == "Relu" and n.output[0] in on_path and not n.name.startswith(("teacher/", "kd/")))
     node.op_type = "Softplus"
     onnx.save(model, str(model_path))
     sidecar["model_hash"] = train_ort.content_hash(model_path.read_bytes())
