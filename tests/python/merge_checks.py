@@ -406,6 +406,30 @@ NO_CPU_GRADIENT = {
 }
 
 
+# The field that holds an attribute's value, by attribute type (repeated types may be empty).
+_ATTRIBUTE_FIELD = {
+    onnx.AttributeProto.INT: "i", onnx.AttributeProto.FLOAT: "f", onnx.AttributeProto.STRING: "s",
+    onnx.AttributeProto.TENSOR: "t", onnx.AttributeProto.GRAPH: "g",
+}
+
+
+def attributes_without_value(model: onnx.ModelProto) -> List[str]:
+    """`op node.attribute (TYPE)` for every attribute whose value field is absent from the file.
+
+    onnx.proto is proto2: an INT attribute must carry its `i` even when it is 0. A writer with
+    proto3 habits leaves zeros out (keepdims=0, axis=0, Gemm beta=0.0); onnx.checker and tract
+    read the absent field as 0, but ORT does not: its gradient builders check has_i() (Split's
+    gradient fails on axis) or fall back to the schema default (ReduceMean_Grad reads keepdims=1
+    and its Expand fails)."""
+    missing = []
+    for node in model.graph.node:
+        for a in node.attribute:
+            value_field = _ATTRIBUTE_FIELD.get(a.type)
+            if value_field and not a.HasField(value_field):
+                missing.append(f"{node.op_type} `{node.name}`.{a.name} ({onnx.AttributeProto.AttributeType.Name(a.type)})")
+    return missing
+
+
 def gradient_path(j: Joint) -> List[onnx.NodeProto]:
     """The nodes that read (transitively) a requires_grad parameter and that the loss depends on."""
     tainted = set(j.sidecar["requires_grad"])

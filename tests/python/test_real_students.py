@@ -15,7 +15,11 @@ exported by the TorchScript exporter in training mode and by torch.export with i
     checkpoint), and the student exported with export_model_for_inferencing runs in onnxruntime
     and gives the trained module's eval-mode logits (merge_checks.check_ort_training);
   - a student that drops out in training (Dropout with a non-zero ratio, stochastic depth) still
-    does in the joint graph: training-mode passes on one batch differ.
+    does in the joint graph (training-mode passes on one batch differ) and does not in eval mode
+    (two eval-mode passes are equal; checked first, as the export comparison fails otherwise too).
+
+test_attributes_keep_their_values: every attribute of every joint graph carries its value in
+the file (merge_checks.attributes_without_value), zeros included.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from onnx import numpy_helper
 import exports
 import students
 import train_ort
-from merge_checks import Joint, check_ort_training, first_student_conv_weight
+from merge_checks import Joint, attributes_without_value, check_ort_training, first_student_conv_weight
 
 CNNS = ("mobilenet_v3_small", "shufflenet_v2_x1_0", "convnext_tiny")
 CASES = [(name, mode) for name in CNNS for mode in students.MODES] + [("vit", mode) for mode in students.MODES]
@@ -113,10 +117,37 @@ def test_student_trains(name, mode, teacher_path, merge, tmp_path):
         "labels": np.random.RandomState(7).randint(0, students.NUM_CLASSES, BATCH).astype(np.int64),
     }
     workdir = train_ort.generate(j.sidecar, tmp_path / "artifacts")
+    dropout = drops_out(student_model)
+    if dropout:
+        probe = train_ort.Stage(j.sidecar, workdir, generated=True)
+        evals = [probe.evaluate(feeds)[j.student_outputs[0]] for _ in range(2)]
+        del probe
+        assert np.array_equal(evals[0], evals[1]), (
+            f"{where}: two eval-mode passes on one batch differ (max |diff| {np.abs(evals[0] - evals[1]).max():.3g}): "
+            f"the student's dropout or stochastic depth still draws in eval mode, and in the exported student"
+        )
     stage = check_ort_training(j, workdir, feeds, tmp_path, first_student_conv_weight(j), steps=TRAIN_STEPS)
 
-    if drops_out(student_model):
+    if dropout:
         logits = [stage.forward_backward(feeds)[j.student_outputs[0]] for _ in range(3)]
         assert any(not np.array_equal(logits[0], other) for other in logits[1:]), (
             f"{where}: the student drops out in training, yet three training-mode passes give the same logits"
         )
+
+
+def test_attributes_keep_their_values(teacher_path, merge):
+    """Every joint graph of CASES writes each attribute's value, zeros included (one test for all:
+    the fault is the writer's, not a student's)."""
+    problems, merged = [], 0
+    for name, mode in CASES:
+        student_path = students.export(name, mode)
+        try:
+            path = merge(teacher_path, student_path, list(METHODS.get(name, DEFAULT_METHODS)))
+        except AssertionError:
+            continue  # a merge that fails is test_student_trains' finding
+        merged += 1
+        missing = attributes_without_value(onnx.load(str(path), load_external_data=False))
+        if missing:
+            problems.append(f"{name} ({mode}): {len(missing)} attributes without their value, e.g. {missing[:4]}")
+    assert merged, "no student merged"
+    assert not problems, "attributes written without their value (proto2 needs i=0 written):\n  " + "\n  ".join(problems)

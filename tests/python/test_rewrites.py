@@ -27,6 +27,9 @@ and for the rewrites, a sidecar note says what was rewritten (a line with "rewro
 For Dropout the joint graph keeps the student's dropout: training-mode passes differ, eval-mode
 passes are the student without dropout.
 
+Every attribute of every joint graph carries its value in the file, zeros included (ORT reads an
+absent `i` as absent, not as 0: Split's gradient fails on axis, ReduceMean's takes keepdims=1).
+
 An op with no ORT gradient on the trainable path that kdgraph cannot rewrite (Softplus, Elu,
 CumSum) is refused before anything is written: exit 1, one `error:` line naming the student file,
 the node and the op. The same op off the trainable path (on the image, before any parameter)
@@ -46,7 +49,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import train_ort
-from merge_checks import session_options
+from merge_checks import attributes_without_value, session_options
 
 SIZE = 16  # input 3 x SIZE x SIZE
 CLASSES = 10
@@ -374,6 +377,26 @@ def test_training_mode_dropout(case, models, merge, tmp_path):
         stage.step(feeds)
     after = float(stage.evaluate(feeds)["loss"])
     assert after < before, f"{case}: eval-mode loss did not fall in {TRAIN_STEPS} steps: {before} -> {after}"
+
+
+def test_attributes_keep_their_values(models, merge):
+    """The joint graph of every student above writes each attribute's value, zeros included
+    (keepdims=0, axis=0, Gather's axis, RandomUniformLike's low=0.0)."""
+    problems, merged = [], 0
+    cases = [(c, REWRITES[c][0], REWRITES[c][1], REWRITES[c][2]) for c in REWRITES]
+    cases += [(c, DROPOUTS[c][0], identity_body, dropout_head(DROPOUTS[c][1], DROPOUT_KEEP)) for c in DROPOUTS]
+    for case, opset, body, head in cases:
+        student_path = models(case, student(case, opset, body, head))
+        try:
+            joint_path = merge(models.teacher, student_path, ["kd"])
+        except AssertionError:
+            continue  # a merge that fails is the case's own test's finding
+        merged += 1
+        missing = attributes_without_value(onnx.load(str(joint_path)))
+        if missing:
+            problems.append(f"{case}: {missing}")
+    assert merged, "no student merged"
+    assert not problems, "attributes written without their value (proto2 needs i=0 written):\n  " + "\n  ".join(problems)
 
 
 # --------------------------------------------------------------------------- refused
