@@ -430,6 +430,13 @@ def attributes_without_value(model: onnx.ModelProto) -> List[str]:
     return missing
 
 
+def says_rewritten(line: str, op: str) -> bool:
+    """Whether a note says that `op` was rewritten: `op` after the word "rewrote" (the part
+    before names the file, which may contain the op's name)."""
+    _, rewrote, what = line.partition("rewrote")
+    return bool(rewrote) and op in what
+
+
 def gradient_path(j: Joint) -> List[onnx.NodeProto]:
     """The nodes that read (transitively) a requires_grad parameter and that the loss depends on."""
     tainted = set(j.sidecar["requires_grad"])

@@ -34,7 +34,7 @@ from onnx import numpy_helper
 import exports
 import students
 import train_ort
-from merge_checks import Joint, attributes_without_value, check_ort_training, first_student_conv_weight
+from merge_checks import Joint, attributes_without_value, check_ort_training, first_student_conv_weight, says_rewritten
 
 CNNS = ("mobilenet_v3_small", "shufflenet_v2_x1_0", "convnext_tiny")
 CASES = [(name, mode) for name in CNNS for mode in students.MODES] + [("vit", mode) for mode in students.MODES]
@@ -106,7 +106,7 @@ def test_student_trains(name, mode, teacher_path, merge, tmp_path):
     student_model = onnx.load(str(student_path))
     present = forms_in(student_model.graph.node)
     notes = j.sidecar.get("notes", [])
-    unnoted = sorted(f for f in present if not any("rewrote" in line and f in line for line in notes))
+    unnoted = sorted(f for f in present if not any(says_rewritten(line, f) for line in notes))
     assert not unnoted, f"{where}: the student has {sorted(present)}; no sidecar note says these were rewritten: {unnoted}; notes: {notes}"
     left = sorted(forms_in(n for n in j.model.graph.node if not n.name.startswith(("teacher/", "kd/"))))
     assert not left, f"{where}: student nodes still of a form ORT Training cannot differentiate: {left}"
