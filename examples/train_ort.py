@@ -23,10 +23,21 @@
 # A graph and a sidecar of two different merges (an interrupted merge, a file copied over) are
 # refused: read_sidecar checks the sidecar's model_hash against the graph file, as `kdgraph check`
 # does, and raises SidecarMismatch; the command line prints it on one line and exits with 1.
+#
+# ORT logs at INFO level while it builds the gradient graph and opens sessions (dozens of lines per
+# stage); generate() and Stage set its severity to ORT_LOG_SEVERITY (errors only) first: the default
+# logger's, the sessions', and the session options that generate_artifacts makes for its gradient
+# graph builder (it takes none from the caller; quiet_gradient_builder supplies them). When ORT
+# itself fails (an op without a gradient builder, a kernel that rejects a shape), train() raises
+# OrtTrainingFailed with the graph file and ort_error_line's one line instead of ORT's C++ source
+# location and signature; the command line prints `error: ORT Training failed on <file>: <reason>`
+# and exits with 1.
 
 import argparse
+import contextlib
 import functools
 import json
+import re
 import sys
 import tempfile
 import time
@@ -35,14 +46,24 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import numpy_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from onnxruntime.training import artifacts
 from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+try:  # where generate_artifacts makes the session options of its gradient graph builder (ORT 1.19)
+    from onnxruntime.training.onnxblock import _training_graph_utils
+except ImportError:  # another layout: generate_artifacts then logs as it likes
+    _training_graph_utils = None
 
 ORT_TRAINING_MAX_IR = 10
 STATE_SUFFIX = "_next"  # a state input `x` is updated by the output `x_next`
 DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32}
 print_now = functools.partial(print, flush=True)
+# ORT's log severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. The command line raises it
+# to 4: it prints every failure itself (ORT also logs a failing kernel at error level).
+ORT_LOG_SEVERITY = 3
 
 
 # --------------------------------------------------------------------------- sidecar
@@ -109,6 +130,116 @@ def input_with_role(sidecar, role):
     return next(i["name"] for i in sidecar["inputs"] if i["role"] == role)
 
 
+# --------------------------------------------------------------------------- ORT failures
+
+
+# What ORT raises: C++ exceptions arrive as RuntimeError, ORT statuses as the pybind classes.
+ORT_ERRORS = (RuntimeError, ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
+              ort_state.InvalidProtobuf, ort_state.NoSuchFile, ort_state.NoModel, ort_state.NotImplemented,
+              ort_state.RuntimeException, ort_state.EPFail)
+
+
+class OrtTrainingFailed(RuntimeError):
+    """ORT Training raised while generating the artifacts of, training or exporting `model_path`."""
+
+    def __init__(self, model_path, reason):
+        super().__init__(f"ORT Training failed on {model_path}: {reason}")
+        self.model_path, self.reason = str(model_path), reason
+
+
+def quiet_ort(severity=None):
+    """Sets ORT's default logger to `severity` (ORT_LOG_SEVERITY when None)."""
+    onnxruntime.set_default_logger_severity(ORT_LOG_SEVERITY if severity is None else severity)
+
+
+# An ORT status: `[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : <message>`.
+_ORT_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
+# ORT_ENFORCE / ORT_THROW: `<source file>:<line> <C++ signature> <condition> was false. <message>`.
+_ORT_SOURCE = re.compile(r"^\S+\.(?:cc|h|cpp|hpp|cu|cuh):\d+ ")
+
+
+def _strip_signature(text):
+    """(the function's short name, what follows) for `<return type> <qualified name>(<args>) [const] <rest>`."""
+    open_at = text.find("(")
+    if open_at < 0:
+        return "", text
+    depth = 0
+    for i in range(open_at, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            break
+    else:
+        return "", text
+    rest = text[i + 1:]
+    if rest.startswith(" const"):
+        rest = rest[len(" const"):]
+    name = text[:open_at].split(" ")[-1]
+    for prefix in ("onnxruntime::training::api::", "onnxruntime::training::", "onnxruntime::"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    return name, rest.strip()
+
+
+def ort_error_line(exc):
+    """The first meaningful line of an ORT exception: its message without ORT's source location and
+    C++ signature, e.g. `The gradient builder has not been registered: HardSwish for node /act/HardSwish`
+    or `Non-zero status code returned while running Expand node. Name:'/ReduceMean_Grad/Expand_5' Status
+    Message: invalid expand shape`; an enforce without a message gives its function and condition
+    (`GradientBuilderBase::O: i < node_->OutputDefs().size() was false`)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    status = _ORT_STATUS.search(line)
+    if status:
+        return line[status.end():].strip() or line
+    source = _ORT_SOURCE.match(line)
+    if not source:
+        return line
+    function, rest = _strip_signature(line[source.end():])
+    condition, enforced, message = rest.partition(" was false.")
+    if enforced:
+        message = message.strip()
+        if message:
+            return message
+        rest = condition + " was false"
+    return f"{function}: {rest}" if function else rest
+
+
+def session_options():
+    """Session options that log at ORT_LOG_SEVERITY."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = ORT_LOG_SEVERITY
+    return options
+
+
+@contextlib.contextmanager
+def quiet_gradient_builder():
+    """generate_artifacts builds the gradient graph with `SessionOptions()` of its own, which log at
+    INFO level whatever the default logger's severity; inside, they are session_options()."""
+    made = getattr(_training_graph_utils, "SessionOptions", None)
+    if made is None:  # another ORT layout: nothing to quiet
+        yield
+        return
+    _training_graph_utils.SessionOptions = session_options
+    try:
+        yield
+    finally:
+        _training_graph_utils.SessionOptions = made
+
+
+@contextlib.contextmanager
+def ort_failures(model_path):
+    """Turns an ORT exception raised inside into OrtTrainingFailed(model_path, its first meaningful line)."""
+    try:
+        yield
+    except ORT_ERRORS as exc:
+        if isinstance(exc, OrtTrainingFailed):
+            raise
+        raise OrtTrainingFailed(model_path, ort_error_line(exc)) from exc
+
+
 # --------------------------------------------------------------------------- artifacts
 
 
@@ -128,15 +259,17 @@ def generate(sidecar, workdir, model=None):
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    artifacts.generate_artifacts(
-        model if model is not None else onnx.load(sidecar["model_path"]),
-        requires_grad=list(sidecar["requires_grad"]),
-        frozen_params=list(sidecar["frozen_params"]),
-        loss=None,
-        optimizer=artifacts.OptimType.AdamW,
-        artifact_directory=str(workdir),
-        loss_input_names=[o["name"] for o in sidecar["outputs"]],
-    )
+    quiet_ort()
+    with quiet_gradient_builder():
+        artifacts.generate_artifacts(
+            model if model is not None else onnx.load(sidecar["model_path"]),
+            requires_grad=list(sidecar["requires_grad"]),
+            frozen_params=list(sidecar["frozen_params"]),
+            loss=None,
+            optimizer=artifacts.OptimType.AdamW,
+            artifact_directory=str(workdir),
+            loss_input_names=[o["name"] for o in sidecar["outputs"]],
+        )
     optimizer_path = workdir / "optimizer_model.onnx"
     optimizer_model = onnx.load(str(optimizer_path))
     if optimizer_model.ir_version > ORT_TRAINING_MAX_IR:
@@ -162,9 +295,10 @@ class Stage:
                 model = onnx.load(self.sidecar["model_path"])
                 carry_parameters(model, carried)
             generate(self.sidecar, self.workdir, model)
+        quiet_ort()
         self.state = CheckpointState.load_checkpoint(str(self.workdir / "checkpoint"))
         self.module = Module(str(self.workdir / "training_model.onnx"), self.state,
-                             str(self.workdir / "eval_model.onnx"), device=device)
+                             str(self.workdir / "eval_model.onnx"), device=device, session_options=session_options())
         self.optimizer = Optimizer(str(self.workdir / "optimizer_model.onnx"), self.module)
         self.optimizer.set_learning_rate(lr)
         self.roles = {i["name"]: i for i in self.sidecar["inputs"]}
@@ -306,7 +440,12 @@ def train_stage(stage, data, steps, batch, log=print_now):
         if state:
             values["kd/crd/index"] = index.astype(np.int64)
             values["kd/crd/contrast_index"] = data.contrast(index, hyper["crd"]["negatives"])
-        out = stage.step(values)
+        try:
+            out = stage.step(values)
+        except BaseException:
+            if history:
+                log("")  # ends the progress line before the error is shown
+            raise
         for name in state:
             state[name] = out[name + STATE_SUFFIX]
         history.append(Record(index, out))
@@ -319,7 +458,10 @@ def train_stage(stage, data, steps, batch, log=print_now):
 
 
 def train(sidecar_path, steps=100, init_steps=None, batch=32, device="cpu", lr=1e-3, data=None, workdir=None, log=print_now):
-    """Trains every stage of a merged graph in order, carrying parameters by name; returns a Result."""
+    """Trains every stage of a merged graph in order, carrying parameters by name; returns a Result.
+
+    Raises SidecarMismatch before anything trains when a graph and its sidecar disagree, and
+    OrtTrainingFailed (naming the stage's graph file) when ORT fails on a stage."""
     sidecar_path = Path(sidecar_path)
     main = read_sidecar(sidecar_path)
     # Every stage's graph and sidecar are checked before any stage trains.
@@ -332,13 +474,15 @@ def train(sidecar_path, steps=100, init_steps=None, batch=32, device="cpu", lr=1
         data = Data.synthetic(image["shape"][1:], logits["shape"][-1], count)
     result, carried, stage = Result(sidecar_path.with_suffix(".student.onnx")), None, None
     for spec in main["stages"]:
-        stage = Stage(sidecars[spec["name"]], workdir / spec["name"], device, lr,
-                      carried if spec.get("carry_from") else None)
-        stage_steps = (init_steps or steps) if spec["name"] == "init" else steps
-        result.histories[spec["name"]] = train_stage(stage, data, stage_steps, batch, log)
+        with ort_failures(sidecars[spec["name"]]["model_path"]):
+            stage = Stage(sidecars[spec["name"]], workdir / spec["name"], device, lr,
+                          carried if spec.get("carry_from") else None)
+            stage_steps = (init_steps or steps) if spec["name"] == "init" else steps
+            result.histories[spec["name"]] = train_stage(stage, data, stage_steps, batch, log)
         result.stages[spec["name"]] = stage
         carried = stage.parameters()
-    stage.export(result.student, student_outputs(main))
+    with ort_failures(main["model_path"]):
+        stage.export(result.student, student_outputs(main))
     return result
 
 
@@ -357,10 +501,15 @@ def main():
     if args.data:
         arrays = np.load(args.data)
         data = Data(arrays["x"], arrays["y"])
+    global ORT_LOG_SEVERITY
+    ORT_LOG_SEVERITY = 4  # a failure is printed below, once
     try:
         result = train(args.sidecar, args.steps, args.init_steps, args.batch, args.device, args.lr, data, args.workdir)
     except SidecarMismatch as exc:
         print(f"train_ort.py: error: {exc}", file=sys.stderr)
+        return 1
+    except OrtTrainingFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"trained student: {result.student}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import os
 import shutil
 import subprocess
@@ -121,6 +122,9 @@ def merge(kdgraph_bin, tmp_path_factory) -> Callable[..., Path]:
     """
     done: Dict[Tuple, Path] = {}
     root = tmp_path_factory.mktemp("merge")
+    # Folder numbers count every attempt: a failed merge is not memoised, and the next one must
+    # not reuse its folder (exports cached as <key>/model.onnx all have the same stem).
+    attempts = itertools.count()
 
     def resolve(model) -> Path:
         return fixture_path(*model) if isinstance(model, tuple) else Path(model)
@@ -131,7 +135,7 @@ def merge(kdgraph_bin, tmp_path_factory) -> Callable[..., Path]:
         t, s = resolve(teacher), resolve(student)
         key = (str(t), str(s), tuple(methods), tuple(extra))
         if key not in done:
-            out_dir = root / f"{len(done):03d}-{t.stem}-{s.stem}-{'+'.join(methods)}"
+            out_dir = root / f"{next(attempts):03d}-{t.stem}-{s.stem}-{'+'.join(methods)}"
             out_dir.mkdir()
             out = out_dir / "joint.onnx"
             cmd = [str(kdgraph_bin), "merge", str(t), str(s), "-o", str(out)]

@@ -406,6 +406,37 @@ NO_CPU_GRADIENT = {
 }
 
 
+# The field that holds an attribute's value, by attribute type (repeated types may be empty).
+_ATTRIBUTE_FIELD = {
+    onnx.AttributeProto.INT: "i", onnx.AttributeProto.FLOAT: "f", onnx.AttributeProto.STRING: "s",
+    onnx.AttributeProto.TENSOR: "t", onnx.AttributeProto.GRAPH: "g",
+}
+
+
+def attributes_without_value(model: onnx.ModelProto) -> List[str]:
+    """`op node.attribute (TYPE)` for every attribute whose value field is absent from the file.
+
+    onnx.proto is proto2: an INT attribute must carry its `i` even when it is 0. A writer with
+    proto3 habits leaves zeros out (keepdims=0, axis=0, Gemm beta=0.0); onnx.checker and tract
+    read the absent field as 0, but ORT does not: its gradient builders check has_i() (Split's
+    gradient fails on axis) or fall back to the schema default (ReduceMean_Grad reads keepdims=1
+    and its Expand fails)."""
+    missing = []
+    for node in model.graph.node:
+        for a in node.attribute:
+            value_field = _ATTRIBUTE_FIELD.get(a.type)
+            if value_field and not a.HasField(value_field):
+                missing.append(f"{node.op_type} `{node.name}`.{a.name} ({onnx.AttributeProto.AttributeType.Name(a.type)})")
+    return missing
+
+
+def says_rewritten(line: str, op: str) -> bool:
+    """Whether a note says that `op` was rewritten: `op` after the word "rewrote" (the part
+    before names the file, which may contain the op's name)."""
+    _, rewrote, what = line.partition("rewrote")
+    return bool(rewrote) and op in what
+
+
 def gradient_path(j: Joint) -> List[onnx.NodeProto]:
     """The nodes that read (transitively) a requires_grad parameter and that the loss depends on."""
     tainted = set(j.sidecar["requires_grad"])
@@ -612,9 +643,10 @@ TERM_FALL = 0.05
 
 
 def check_ort_training(
-    j: Joint, workdir: Path, feeds: Dict[str, np.ndarray], tmp_path: Path, watched: str, term: Optional[str] = None
+    j: Joint, workdir: Path, feeds: Dict[str, np.ndarray], tmp_path: Path, watched: str, term: Optional[str] = None,
+    steps: int = TRAIN_STEPS,
 ):
-    """Loss falls over TRAIN_STEPS steps; `term` (a method's own term) falls by TERM_FALL too;
+    """Loss falls over `steps` steps (TRAIN_STEPS); `term` (a method's own term) falls by TERM_FALL too;
     `watched` changes; the teacher stays bit-identical; for a graph with student outputs, the
     exported student reproduces the eval-mode module.
 
@@ -632,7 +664,7 @@ def check_ort_training(
     history: Dict[str, List[float]] = {n: [] for n in watched_outputs}
     links = state_pairs(stage.sidecar)
     next_feeds = dict(feeds)
-    for _ in range(TRAIN_STEPS):
+    for _ in range(steps):
         out = stage.step(next_feeds)
         for n in watched_outputs:
             history[n].append(float(out[n]))
@@ -640,12 +672,12 @@ def check_ort_training(
     last = stage.forward_backward(next_feeds)
     losses, final = history["loss"], float(last["loss"])
     assert np.all(np.isfinite(losses)) and np.isfinite(final), f"{where}: non-finite loss {losses} / {final}"
-    assert final < losses[0], f"{where}: loss did not fall in {TRAIN_STEPS} steps: {losses[0]} -> {final} ({losses})"
+    assert final < losses[0], f"{where}: loss did not fall in {steps} steps: {losses[0]} -> {final} ({losses})"
     if term:
         assert term in j.loss_names, f"{where}: no output `{term}` among {j.loss_names}"
         first, last_term = history[term][0], float(last[term])
         assert np.isfinite(last_term) and last_term < (1 - TERM_FALL) * first, (
-            f"{where}: `{term}` did not fall by {TERM_FALL:.0%} in {TRAIN_STEPS} steps: {first:.6g} -> {last_term:.6g} "
+            f"{where}: `{term}` did not fall by {TERM_FALL:.0%} in {steps} steps: {first:.6g} -> {last_term:.6g} "
             f"({[float(f'{v:.4g}') for v in history[term]]})"
         )
     assert not np.array_equal(stage.parameter(watched), before), f"{where}: `{watched}` did not change"
