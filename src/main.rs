@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use kdgraph::{report, Error, OptionValue, PlanOptions, Result, Term, TrainingStage};
+use kdgraph::{report, Error, OptionKind, OptionValue, PlanOptions, Result, Term, TrainingStage};
 
 #[derive(Parser)]
 #[command(
@@ -167,10 +167,10 @@ fn with_method_options(command: clap::Command) -> clap::Command {
                             .map(|d| format!(" [default: {d}]"))
                             .unwrap_or_default()
                     ));
-                arg = if option.integer {
-                    arg.value_parser(clap::value_parser!(i64))
-                } else {
-                    arg.value_parser(clap::value_parser!(f64))
+                arg = match option.kind {
+                    OptionKind::Int => arg.value_parser(clap::value_parser!(i64)),
+                    OptionKind::Float => arg.value_parser(clap::value_parser!(f64)),
+                    OptionKind::Flag => arg.action(clap::ArgAction::SetTrue),
                 };
                 merge = merge.arg(arg);
             }
@@ -187,14 +187,16 @@ fn method_options(matches: &ArgMatches) -> Vec<(String, OptionValue)> {
     let mut given = Vec::new();
     for method in kdgraph::methods() {
         for option in method.spec().options {
-            let value = if option.integer {
-                merge
+            let value = match option.kind {
+                OptionKind::Int => merge
                     .get_one::<i64>(option.flag)
-                    .map(|&v| OptionValue::Int(v))
-            } else {
-                merge
+                    .map(|&v| OptionValue::Int(v)),
+                OptionKind::Float => merge
                     .get_one::<f64>(option.flag)
-                    .map(|&v| OptionValue::Float(v))
+                    .map(|&v| OptionValue::Float(v)),
+                OptionKind::Flag => merge
+                    .get_flag(option.flag)
+                    .then_some(OptionValue::Flag(true)),
             };
             if let Some(value) = value {
                 given.push((option.flag.to_string(), value));

@@ -6,8 +6,8 @@ use crate::analysis::TensorInfo;
 use crate::error::Result;
 use crate::plan::connector::{feat_dim, features, FEAT_DIM};
 use crate::plan::{
-    Connector, Layer, MethodSpec, OptionSpec, OptionValue, OptionValues, Side, TapKind, TapPair,
-    Weights, SPEC_DEFAULTS,
+    Connector, Layer, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues, Side, TapKind,
+    TapPair, Weights, SPEC_DEFAULTS,
 };
 
 static OPTIONS: [OptionSpec; 1] = [OptionSpec {
@@ -16,7 +16,7 @@ static OPTIONS: [OptionSpec; 1] = [OptionSpec {
     value_name: "D",
     help: "the size of the embeddings compared",
     default: Some(OptionValue::Int(FEAT_DIM)),
-    integer: true,
+    kind: OptionKind::Int,
     min: 1.0,
     max: 65536.0,
 }];

@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::onnx::builder::{Attr, GraphBuilder};
 use crate::plan::connector::{feat_dim, features, FEAT_DIM};
 use crate::plan::{
-    Connector, Layer, MethodSpec, OptionSpec, OptionValue, OptionValues, Role, Side, TapKind,
-    TapPair, Weights, SPEC_DEFAULTS,
+    Connector, Layer, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues, Role, Side,
+    TapKind, TapPair, Weights, SPEC_DEFAULTS,
 };
 
 /// The most training samples the memory banks are built for (2^24: 2 x 8 GiB of float32).
@@ -23,7 +23,7 @@ static OPTIONS: [OptionSpec; 5] = [
         value_name: "N",
         help: "the number of samples in the training set (the size of its memory banks)",
         default: None,
-        integer: true,
+        kind: OptionKind::Int,
         min: 2.0,
         max: MAX_SAMPLES,
     },
@@ -33,7 +33,7 @@ static OPTIONS: [OptionSpec; 5] = [
         value_name: "K",
         help: "negatives per sample, drawn from other samples",
         default: Some(OptionValue::Int(16384)),
-        integer: true,
+        kind: OptionKind::Int,
         min: 1.0,
         max: MAX_SAMPLES,
     },
@@ -43,7 +43,7 @@ static OPTIONS: [OptionSpec; 5] = [
         value_name: "D",
         help: "the size of the embeddings compared",
         default: Some(OptionValue::Int(FEAT_DIM)),
-        integer: true,
+        kind: OptionKind::Int,
         min: 1.0,
         max: 65536.0,
     },
@@ -53,7 +53,7 @@ static OPTIONS: [OptionSpec; 5] = [
         value_name: "TAU",
         help: "the temperature of the contrastive scores",
         default: Some(OptionValue::Float(0.07)),
-        integer: false,
+        kind: OptionKind::Float,
         min: 1e-6,
         max: 1e6,
     },
@@ -63,7 +63,7 @@ static OPTIONS: [OptionSpec; 5] = [
         value_name: "M",
         help: "the momentum of the memory-bank updates",
         default: Some(OptionValue::Float(0.5)),
-        integer: false,
+        kind: OptionKind::Float,
         min: 0.0,
         max: 1.0,
     },

@@ -43,9 +43,7 @@ pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>
     let pair = pairs[0];
     let regressed = ctx.tap(pair, Side::Student);
     let t = ctx.tap(pair, Side::Teacher);
-    Ok(Some(ctx.b.mse(
-        &regressed,
-        &t,
-        &ctx.name(&format!("{}/mse", pair.stage)),
-    )))
+    let (c, h, w) = ctx.tap_chw(pair, Side::Teacher);
+    let name = ctx.name(&format!("{}/mse", pair.stage));
+    Ok(Some(ctx.b.mse_staged(&regressed, &t, &[c, h, w], &name)))
 }

@@ -6,8 +6,8 @@ use crate::error::{Error, Result};
 use crate::onnx::builder::GraphBuilder;
 use crate::plan::connector::chw;
 use crate::plan::{
-    Connector, InitStage, MethodSpec, OptionValues, Side, TapKind, TapPair, TrainingStage, Weights,
-    SPEC_DEFAULTS,
+    Connector, ConvInit, InitStage, Layer, MethodSpec, OptionKind, OptionSpec, OptionValue,
+    OptionValues, Side, TapKind, TapPair, TrainingStage, Weights, SPEC_DEFAULTS,
 };
 
 pub static SPEC: MethodSpec = MethodSpec {
@@ -23,26 +23,63 @@ pub static SPEC: MethodSpec = MethodSpec {
         frozen_in_main: &[],
     }),
     remark: Some("two stages: an init stage trains the student's feature layers on the FSP term over consecutive pairs of spatial maps (the larger of each pair pooled); the main stage has CE only"),
+    options: &OPTIONS,
     connectors,
     ..SPEC_DEFAULTS
 };
 
-/// FSP compares Gram matrices position by position, so channel counts must agree.
+static OPTIONS: [OptionSpec; 1] = [OptionSpec {
+    flag: "fsp-connectors",
+    key: "connectors",
+    value_name: "",
+    help:
+        "where channel counts differ, map each student map to the teacher's channels with a \
+           1x1 conv + BN trained in the init stage (not in the reference, which needs equal counts)",
+    default: Some(OptionValue::Flag(false)),
+    kind: OptionKind::Flag,
+    min: 0.0,
+    max: 1.0,
+}];
+
+/// FSP compares Gram matrices position by position, so channel counts must agree; with
+/// --fsp-connectors a student map of another width goes through a 1x1 conv + BN first.
 fn connectors(
     teacher: &TensorInfo,
     student: &TensorInfo,
-    _options: &OptionValues,
+    options: &OptionValues,
 ) -> Result<Vec<Connector>> {
     let (t_c, _, _) = chw(teacher)?;
     let (s_c, _, _) = chw(student)?;
-    if t_c != s_c {
+    if t_c == s_c {
+        return Ok(Vec::new());
+    }
+    let wanted = options
+        .iter()
+        .any(|(key, value)| *key == "connectors" && *value == OptionValue::Flag(true));
+    if !wanted {
         return Err(Error::unsupported(format!(
             "FSP needs equal channel counts at each position, but student `{}` has {s_c} and teacher `{}` has {t_c}; \
-             choose taps with matching channels with --tap, or another method",
+             pass --fsp-connectors to map the student's channels with a trained 1x1 conv + BN, choose taps with \
+             matching channels with --tap, or use another method",
             student.tensor, teacher.tensor
         )));
     }
-    Ok(Vec::new())
+    Ok(vec![Connector {
+        name: "connector",
+        side: Side::Student,
+        layers: vec![
+            Layer::Conv {
+                in_channels: s_c,
+                out_channels: t_c,
+                kernel: [1, 1],
+                stride: 1,
+                pad: 0,
+                bias: false,
+                init: ConvInit::TorchDefault,
+            },
+            Layer::BatchNorm { channels: t_c },
+        ],
+    }])
 }
 
 /// Init stage: `sum_i mean((G_s,i - G_t,i)^2)` over consecutive spatial maps, with
@@ -56,20 +93,24 @@ pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>
         let base = ctx.name(&format!("{}_{}", bottom.stage, top.stage));
         let mut grams = Vec::new();
         for side in [Side::Student, Side::Teacher] {
-            let (bot_info, top_info) = match side {
-                Side::Student => (&bottom.student, &top.student),
-                Side::Teacher => (&bottom.teacher, &top.teacher),
-            };
             let bot = ctx.tap(bottom, side);
             let top_tensor = ctx.tap(top, side);
+            let (bot_chw, top_chw) = (ctx.tap_chw(bottom, side), ctx.tap_chw(top, side));
             grams.push(flow_matrix(
                 ctx.b,
-                (&bot, bot_info),
-                (&top_tensor, top_info),
+                (&bot, bot_chw),
+                (&top_tensor, top_chw),
                 &format!("{base}/{side}"),
-            )?);
+            ));
         }
-        terms.push(ctx.b.mse(&grams[0], &grams[1], &format!("{base}/mse")));
+        let dims = [
+            ctx.tap_chw(top, Side::Teacher).0,
+            ctx.tap_chw(bottom, Side::Teacher).0,
+        ];
+        terms.push(
+            ctx.b
+                .mse_staged(&grams[0], &grams[1], &dims, &format!("{base}/mse")),
+        );
     }
     if terms.is_empty() {
         return Err(Error::unsupported(
@@ -82,12 +123,12 @@ pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>
 /// `top bot^T / HW` (B x C_top x C_bot) of two maps of one net, the larger pooled to the smaller.
 fn flow_matrix(
     b: &mut GraphBuilder,
-    bot: (&str, &TensorInfo),
-    top: (&str, &TensorInfo),
+    bot: (&str, (i64, i64, i64)),
+    top: (&str, (i64, i64, i64)),
     base: &str,
-) -> Result<String> {
-    let (bot_c, bot_h, bot_w) = chw(bot.1)?;
-    let (top_c, top_h, top_w) = chw(top.1)?;
+) -> String {
+    let (bot_c, bot_h, bot_w) = bot.1;
+    let (top_c, top_h, top_w) = top.1;
     let (h, w) = (bot_h.min(top_h), bot_w.min(top_w));
     let mut flatten = |x: &str, c: i64, size: (i64, i64), tag: &str| {
         let pooled = if size != (h, w) {
@@ -102,5 +143,5 @@ fn flow_matrix(
     let bot_t = b.transpose(&bot_flat, &[0, 2, 1], &format!("{base}/bottom_t"));
     let product = b.matmul(&top_flat, &bot_t, &format!("{base}/product"));
     let area = b.scalar(&format!("{base}/area"), (h * w) as f32);
-    Ok(b.div(&product, &area, &format!("{base}/flow")))
+    b.div(&product, &area, &format!("{base}/flow"))
 }

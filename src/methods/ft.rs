@@ -104,10 +104,13 @@ pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>
             ],
         };
         let decoded = ctx.connect(pair, &decoder, &encoded);
-        return Ok(Some(ctx.b.mse(
+        let (c, h, w) = ctx.tap_chw(pair, Side::Teacher);
+        let name = ctx.name("reconstruction");
+        return Ok(Some(ctx.b.mse_staged(
             &decoded,
             &teacher,
-            &ctx.name("reconstruction"),
+            &[c, h, w],
+            &name,
         )));
     }
     let mut factors = Vec::new();

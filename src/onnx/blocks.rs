@@ -107,6 +107,31 @@ impl GraphBuilder {
     }
 
     /// The mean of `(a - b)^2` over every element.
+    /// `mean((a - b)^2)` over tensors of shape [B, *dims], reduced one axis at a time from
+    /// the last, then over the batch: no float32 reduction runs over more than one axis's
+    /// extent, so the mean keeps its precision on wide maps (a single ReduceMean over millions
+    /// of elements drifts in onnxruntime).
+    pub fn mse_staged(&mut self, a: &str, b: &str, dims: &[i64], name: &str) -> String {
+        let d = self.sub(a, b, &format!("{name}/diff"));
+        let mut x = self.square(&d, &format!("{name}/squared"));
+        for axis in (1..=dims.len() as i64).rev() {
+            let axes = self.const_i64(&format!("{name}/axis{axis}"), &[1], &[axis]);
+            x = self.op(
+                "ReduceSum",
+                &[&x, &axes],
+                // Kept as size-1 axes: ORT's gradient of a reduction that drops axes fails.
+                vec![("keepdims", super::builder::Attr::Int(1))],
+                &format!("{name}/sum{axis}"),
+            );
+        }
+        let mean = self.mean_all(&x, &format!("{name}/batch_mean"));
+        let count = self.scalar(
+            &format!("{name}/count"),
+            dims.iter().product::<i64>() as f32,
+        );
+        self.div(&mean, &count, name)
+    }
+
     pub fn mse(&mut self, a: &str, b: &str, name: &str) -> String {
         let d = self.sub(a, b, &format!("{name}/diff"));
         let d2 = self.square(&d, &format!("{name}/squared"));

@@ -392,8 +392,90 @@ fn encode_within(
         }
         files.push((path.with_file_name(data_name), data));
     }
-    files.insert(0, (path.to_path_buf(), proto.encode_to_vec()));
+    files.insert(
+        0,
+        (path.to_path_buf(), encode_keeping_zero_attributes(proto)),
+    );
     Ok(files)
+}
+
+/// Encodes a model as prost does, except that an INT or FLOAT attribute whose value is 0 keeps
+/// its value field. tract's message types are proto3-style (`i: i64`), so prost leaves out a
+/// zero as the default; ONNX is proto2, and ONNX Runtime reads an attribute without its field
+/// as absent (`keepdims=0` then acts as the default 1, and Split's gradient builder fails on
+/// `axis=0`). Field order does not matter to a protobuf reader, so each node's attributes (and
+/// the graph's nodes) are written after the rest of their message.
+fn encode_keeping_zero_attributes(mut model: pb::ModelProto) -> Vec<u8> {
+    let Some(mut graph) = model.graph.take() else {
+        return model.encode_to_vec();
+    };
+    let nodes: Vec<Vec<u8>> = std::mem::take(&mut graph.node)
+        .into_iter()
+        .map(encode_node)
+        .collect();
+    let graph_len =
+        graph.encoded_len() + nodes.iter().map(|n| field_len(1, n.len())).sum::<usize>();
+    let mut buf = Vec::with_capacity(model.encoded_len() + field_len(7, graph_len));
+    model.encode(&mut buf).expect("a Vec grows as needed");
+    prost::encoding::encode_key(7, prost::encoding::WireType::LengthDelimited, &mut buf);
+    prost::encoding::encode_varint(graph_len as u64, &mut buf);
+    graph.encode(&mut buf).expect("a Vec grows as needed");
+    for node in &nodes {
+        put_message(&mut buf, 1, node);
+    }
+    buf
+}
+
+/// The bytes of a length-delimited field `tag` holding `len` bytes.
+fn field_len(tag: u32, len: usize) -> usize {
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+fn put_message(buf: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
+    prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, buf);
+    prost::encoding::encode_varint(bytes.len() as u64, buf);
+    buf.extend_from_slice(bytes);
+}
+
+fn encode_graph(mut graph: pb::GraphProto) -> Vec<u8> {
+    let nodes = std::mem::take(&mut graph.node);
+    let mut buf = graph.encode_to_vec();
+    for node in nodes {
+        put_message(&mut buf, 1, &encode_node(node));
+    }
+    buf
+}
+
+fn encode_node(mut node: pb::NodeProto) -> Vec<u8> {
+    let attributes = std::mem::take(&mut node.attribute);
+    let mut buf = node.encode_to_vec();
+    for attribute in attributes {
+        put_message(&mut buf, 5, &encode_attribute(attribute));
+    }
+    buf
+}
+
+fn encode_attribute(mut attribute: pb::AttributeProto) -> Vec<u8> {
+    use pb::attribute_proto::AttributeType as T;
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let graph = attribute.g.take();
+    let graphs = std::mem::take(&mut attribute.graphs);
+    let mut buf = attribute.encode_to_vec();
+    if attribute.r#type == T::Int as i32 && attribute.i == 0 {
+        encode_key(3, WireType::Varint, &mut buf);
+        encode_varint(0, &mut buf);
+    }
+    if attribute.r#type == T::Float as i32 && attribute.f == 0.0 {
+        encode_key(2, WireType::ThirtyTwoBit, &mut buf);
+        buf.extend_from_slice(&attribute.f.to_le_bytes());
+    }
+    if let Some(graph) = graph {
+        put_message(&mut buf, 6, &encode_graph(graph));
+    }
+    for graph in graphs {
+        put_message(&mut buf, 11, &encode_graph(graph));
+    }
+    buf
 }
 
 #[cfg(test)]
@@ -428,6 +510,52 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// An INT or FLOAT attribute of value 0 keeps its value field (ONNX Runtime reads an
+    /// attribute without it as absent), inside subgraphs too.
+    #[test]
+    fn zero_attributes_keep_their_value() {
+        use pb::attribute_proto::AttributeType as T;
+        let zero_int = pb::AttributeProto {
+            name: "keepdims".into(),
+            r#type: T::Int as i32,
+            ..Default::default()
+        };
+        let zero_float = pb::AttributeProto {
+            name: "low".into(),
+            r#type: T::Float as i32,
+            ..Default::default()
+        };
+        let bytes = encode_attribute(zero_int.clone());
+        assert!(bytes.windows(2).any(|w| w == [0x18, 0x00]), "{bytes:?}"); // field 3, varint 0
+        let bytes = encode_attribute(zero_float);
+        assert!(
+            bytes.windows(5).any(|w| w == [0x15, 0, 0, 0, 0]),
+            "{bytes:?}"
+        ); // field 2, 0.0f32
+           // A whole model: the bytes decode back to the same model, and carry the zero.
+        let mut model = model_with_weight(4);
+        let graph = model.graph.as_mut().unwrap();
+        graph.node[0].attribute.push(zero_int.clone());
+        let inner = pb::GraphProto {
+            node: vec![graph.node[0].clone()],
+            ..Default::default()
+        };
+        graph.node[0].attribute.push(pb::AttributeProto {
+            name: "body".into(),
+            r#type: T::Graph as i32,
+            g: Some(inner),
+            ..Default::default()
+        });
+        let bytes = encode_keeping_zero_attributes(model.clone());
+        assert_eq!(pb::ModelProto::decode(bytes.as_slice()).unwrap(), model);
+        let plain = model.encode_to_vec();
+        assert_eq!(
+            bytes.len(),
+            plain.len() + 2 * 2,
+            "one 2-byte field per zero attribute"
+        );
     }
 
     /// Past the limit, large weights move to `<file>.data`, and the pair loads back the same.

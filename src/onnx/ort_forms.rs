@@ -61,7 +61,11 @@ pub fn rewrite_for_ort_training(graph: &mut pb::GraphProto, opset: i64) -> Vec<S
             }
             "ReduceMean" | "ReduceSum" if drops_explicit_axes(&node) => {
                 reduction_keeping_axes(&mut b, &node);
-                Some("reductions that drop their axes as the same reduction keeping them, then Squeeze")
+                Some(if node.op_type == "ReduceMean" {
+                    "ReduceMean dropping its axes as ReduceMean keeping them, then Squeeze"
+                } else {
+                    "ReduceSum dropping its axes as ReduceSum keeping them, then Squeeze"
+                })
             }
             "Dropout" if node.output.len() < 2 => {
                 node.output
@@ -84,11 +88,113 @@ pub fn rewrite_for_ort_training(graph: &mut pb::GraphProto, opset: i64) -> Vec<S
         }
     }
     graph.node = nodes;
+    let chains = random_masks_as_dropout(graph, &mut b);
+    if chains > 0 {
+        counts.push((
+            "random keep-masks (RandomUniformLike, Less, Cast, Div: stochastic depth) as Dropout, which stops in eval mode",
+            chains,
+        ));
+    }
     graph.initializer.append(&mut b.initializers);
     counts
         .into_iter()
         .map(|(why, n)| format!("rewrote {n} x {why} (ONNX Runtime Training 1.19 cannot differentiate the exported form)"))
         .collect()
+}
+
+/// torch.export writes stochastic depth's keep-mask `bernoulli(keep) / keep` as
+/// RandomUniformLike(x) -> Less(r, keep) -> Cast -> Div(m, keep), which draws in eval mode too
+/// (and so would the trained student). That is Dropout(ones like x, ratio 1 - keep) in training
+/// mode, which ORT Training switches off for evaluation and export. Returns the chains rewritten.
+fn random_masks_as_dropout(graph: &mut pb::GraphProto, b: &mut GraphBuilder) -> usize {
+    use pb::tensor_proto::DataType as T;
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for input in &n.input {
+            readers.entry(input.as_str()).or_default().push(i);
+        }
+    }
+    let initializers = proto::initializers(graph);
+    let constant = |name: &str| initializers.get(name).and_then(|t| proto::float_values(t));
+    let only_reader = |tensor: &str, op: &str| -> Option<usize> {
+        match readers.get(tensor).map(Vec::as_slice) {
+            Some([i]) if graph.node[*i].op_type == op => Some(*i),
+            _ => None,
+        }
+    };
+    let mut chains = Vec::new();
+    for (r, node) in graph.node.iter().enumerate() {
+        if node.op_type != "RandomUniformLike" {
+            continue;
+        }
+        let Some(less) = only_reader(&node.output[0], "Less") else {
+            continue;
+        };
+        let keep = &graph.node[less].input;
+        if keep.first() != node.output.first() || keep.len() != 2 {
+            continue;
+        }
+        let Some(cast) = only_reader(&graph.node[less].output[0], "Cast") else {
+            continue;
+        };
+        let to_float = graph.node[cast]
+            .attribute
+            .iter()
+            .any(|a| a.name == "to" && a.i == T::Float as i64);
+        let Some(div) = only_reader(&graph.node[cast].output[0], "Div") else {
+            continue;
+        };
+        let divisor = graph.node[div].input.get(1);
+        let same_keep = divisor == keep.get(1)
+            || matches!((divisor, keep.get(1)), (Some(a), Some(b))
+                if constant(a).is_some() && constant(a) == constant(b));
+        if !to_float || !same_keep {
+            continue;
+        }
+        chains.push((r, less, cast, div));
+    }
+    let mut replaced: HashMap<usize, Vec<pb::NodeProto>> = HashMap::new();
+    for &(r, less, cast, div) in &chains {
+        let x = graph.node[r].input[0].clone();
+        let keep = graph.node[less].input[1].clone();
+        let out = graph.node[div].output[0].clone();
+        let base = proto::node_label(&graph.node[r]);
+        let zero = b.scalar(&format!("{base}/zero"), 0.0);
+        let one = b.scalar(&format!("{base}/one"), 1.0);
+        let zeros = b.mul(&x, &zero, &format!("{base}/zeros"));
+        let ones = b.add(&zeros, &one, &format!("{base}/ones"));
+        let ratio = b.sub(&one, &keep, &format!("{base}/drop_ratio"));
+        let training = b.unique(&format!("{base}/training_mode"));
+        b.initializers.push(pb::TensorProto {
+            name: training.clone(),
+            data_type: T::Bool as i32,
+            int32_data: vec![1],
+            ..Default::default()
+        });
+        let mask = b.unique(&format!("{out}/mask"));
+        b.node(
+            "Dropout",
+            &[&ones, &ratio, &training],
+            &[&out, &mask],
+            vec![],
+            &base,
+        );
+        replaced.insert(div, std::mem::take(&mut b.nodes));
+        for i in [r, less, cast] {
+            replaced.insert(i, Vec::new());
+        }
+    }
+    let count = chains.len();
+    if count > 0 {
+        let old = std::mem::take(&mut graph.node);
+        for (i, node) in old.into_iter().enumerate() {
+            match replaced.remove(&i) {
+                Some(new) => graph.node.extend(new),
+                None => graph.node.push(node),
+            }
+        }
+    }
+    count
 }
 
 fn counts_add(counts: &mut Vec<(&'static str, usize)>, why: &'static str) {
@@ -222,6 +328,24 @@ impl ElemTypes {
         for v in graph.input.iter().chain(&graph.value_info) {
             if let Some(t) = proto::value_elem_type(v) {
                 types.insert(v.name.clone(), t as i64);
+            }
+        }
+        // Carried forward through the graph (in topological order) where no value_info says.
+        use pb::tensor_proto::DataType as T;
+        for node in &graph.node {
+            let known = match node.op_type.as_str() {
+                "Cast" => node.attribute.iter().find(|a| a.name == "to").map(|a| a.i),
+                "CastLike" => node.input.get(1).and_then(|i| types.get(i).copied()),
+                "Shape" | "Size" | "ArgMax" | "ArgMin" | "NonZero" => Some(T::Int64 as i64),
+                "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "Not" | "And"
+                | "Or" | "Xor" | "IsNaN" | "IsInf" => Some(T::Bool as i64),
+                "Where" => node.input.get(1).and_then(|i| types.get(i).copied()),
+                _ => node.input.iter().find_map(|i| types.get(i).copied()),
+            };
+            if let Some(t) = known {
+                for output in node.output.iter().take(1) {
+                    types.entry(output.clone()).or_insert(t);
+                }
             }
         }
         ElemTypes(types)

@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 use crate::suggest::nearest;
 pub use connector::{Connector, ConvInit, Layer, Side};
 pub use spec::{
-    InitStage, MethodName, MethodSpec, OptionSpec, OptionValue, OptionValues, TapKind, Weights, KD,
-    SPEC_DEFAULTS,
+    InitStage, MethodName, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues, TapKind,
+    Weights, KD, SPEC_DEFAULTS,
 };
 
 /// What the user asked for, before any model is looked at.

@@ -52,6 +52,17 @@ pub struct InitStage {
 pub enum OptionValue {
     Int(i64),
     Float(f64),
+    /// A switch: given or not.
+    Flag(bool),
+}
+
+/// What a method option holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptionKind {
+    Int,
+    Float,
+    /// A switch that takes no value (`--fsp-connectors`).
+    Flag,
 }
 
 impl OptionValue {
@@ -59,6 +70,7 @@ impl OptionValue {
         match self {
             OptionValue::Int(i) => i as f64,
             OptionValue::Float(f) => f,
+            OptionValue::Flag(b) => b as i64 as f64,
         }
     }
 
@@ -67,6 +79,7 @@ impl OptionValue {
         match self {
             OptionValue::Int(i) => i,
             OptionValue::Float(f) => f as i64,
+            OptionValue::Flag(b) => b as i64,
         }
     }
 }
@@ -76,6 +89,7 @@ impl fmt::Display for OptionValue {
         match self {
             OptionValue::Int(i) => write!(f, "{i}"),
             OptionValue::Float(x) => write!(f, "{x}"),
+            OptionValue::Flag(b) => write!(f, "{b}"),
         }
     }
 }
@@ -85,6 +99,7 @@ impl Serialize for OptionValue {
         match self {
             OptionValue::Int(i) => s.serialize_i64(*i),
             OptionValue::Float(f) => s.serialize_f64(*f),
+            OptionValue::Flag(b) => s.serialize_bool(*b),
         }
     }
 }
@@ -99,7 +114,7 @@ pub struct OptionSpec {
     pub help: &'static str,
     /// None: the user must give it before a graph can be written.
     pub default: Option<OptionValue>,
-    pub integer: bool,
+    pub kind: OptionKind,
     /// The accepted range, both ends included.
     pub min: f64,
     pub max: f64,
