@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::onnx::{pb, proto};
 
 /// Activations that may close a conv unit or a head.
-const ACTIVATIONS: [&str; 8] = [
+const ACTIVATIONS: [&str; 9] = [
+    GATED,
     "Relu",
     "Clip",
     "LeakyRelu",
@@ -203,10 +204,59 @@ fn group_by_resolution<'a>(cuts: &[&'a str], shapes: &HashMap<String, Shape>) ->
     groups
 }
 
+/// The op that writes a tensor; a gated activation written as `x * g(x)` (SiLU, HardSwish as
+/// exported or as kdgraph rewrites it) counts as one activation, [`GATED`].
 fn op_of<'a>(flow: &Dataflow<'a>, tensor: &str) -> &'a str {
-    flow.producer(tensor)
-        .map(|n| n.op_type.as_str())
-        .unwrap_or("")
+    match flow.producer(tensor) {
+        Some(node) if is_gated_activation(flow, node) => GATED,
+        Some(node) => node.op_type.as_str(),
+        None => "",
+    }
+}
+
+/// The name [`op_of`] gives a gated activation `x * g(x)`.
+const GATED: &str = "GatedActivation";
+
+/// Elementwise ops a gate `g(x)` may be built of.
+const GATE_OPS: [&str; 8] = [
+    "Sigmoid",
+    "HardSigmoid",
+    "Clip",
+    "Add",
+    "Mul",
+    "Div",
+    "Tanh",
+    "Relu",
+];
+
+/// `Mul(x, g)` where `g` comes from `x` alone through a few elementwise ops: SiLU
+/// (`x * Sigmoid(x)`), HardSwish as `x * Clip(x / 6 + 0.5, 0, 1)`.
+fn is_gated_activation(flow: &Dataflow, node: &pb::NodeProto) -> bool {
+    if node.op_type != "Mul" {
+        return false;
+    }
+    let inputs: Vec<&str> = flow.data_inputs(node).collect();
+    let [a, b] = inputs.as_slice() else {
+        return false;
+    };
+    let derives_from = |gate: &str, x: &str| {
+        let mut t = gate.to_string();
+        for _ in 0..4 {
+            let Some(p) = flow.producer(&t) else {
+                return false;
+            };
+            let data: Vec<&str> = flow.data_inputs(p).collect();
+            if !GATE_OPS.contains(&p.op_type.as_str()) || data.len() != 1 {
+                return false;
+            }
+            if data[0] == x {
+                return true;
+            }
+            t = data[0].to_string();
+        }
+        false
+    };
+    derives_from(b, a) || derives_from(a, b)
 }
 
 /// The end of the first conv unit in a group: the first Conv, then the BatchNormalization and
