@@ -104,7 +104,8 @@ pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>
             ],
         };
         let decoded = ctx.connect(pair, &decoder, &encoded);
-        let (c, h, w) = ctx.tap_chw(pair, Side::Teacher);
+        // The teacher map itself (tap_chw would give the paraphraser's factor).
+        let (c, h, w) = chw(&pair.teacher)?;
         let name = ctx.name("reconstruction");
         return Ok(Some(ctx.b.mse_staged(
             &decoded,
