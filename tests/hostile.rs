@@ -1332,6 +1332,35 @@ fn crd_options() {
         GOOD,
         &["-m", "crd", "--crd-n-data", "8", "--crd-negatives", "2"],
     );
+    // Without --crd-negatives, the reference's 16384 shrinks to what the training set holds.
+    case.clear_out();
+    let run = case.merge_ok(GOOD, GOOD, &["-m", "crd", "--crd-n-data", "100"]);
+    assert!(
+        run.stdout
+            .contains("--crd-negatives defaults to 99 here, the other samples of --crd-n-data 100"),
+        "{}",
+        run.stdout
+    );
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(case.join("out/joint.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["hyper"]["crd"]["negatives"], 99);
+}
+
+/// A model exported with a fixed batch size merges, and the report says which batch it forces.
+#[test]
+fn fixed_batch_dimension_is_reported() {
+    let case = Case::new("fixed-batch");
+    let fixed = case.model(
+        "fixed.onnx",
+        &tweaked(|g| g.input[0] = value("input", &["2", "3", "32", "32"])),
+    );
+    let run = case.merge_ok(GOOD, &fixed, &["-m", "at", "--check-batch", "2"]);
+    assert!(
+        run.stdout
+            .contains("`fixed.onnx` fixes the batch size of input `input` at 2"),
+        "{}",
+        run.stdout
+    );
 }
 
 /// A memory bank too large to hold is refused before any model is read: the banks hold at
