@@ -32,6 +32,7 @@ pub fn exercise(bytes: &[u8]) -> Vec<String> {
     let mut errors = Vec::new();
     for method in methods::all() {
         let options = PlanOptions {
+            pairing: Default::default(),
             methods: vec![method.as_str().to_string()],
             taps: Vec::new(),
             gamma: None,

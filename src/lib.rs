@@ -25,7 +25,9 @@ pub use error::{Error, ErrorKind, Result};
 pub use onnx::io::{load_model, LoadedModel};
 pub use onnx::pb;
 pub use onnx::prepare::{prepare, PreparedModel};
-pub use plan::{MethodName, OptionKind, OptionSpec, OptionValue, Plan, PlanOptions, TrainingStage};
+pub use plan::{
+    MethodName, OptionKind, OptionSpec, OptionValue, Pairing, Plan, PlanOptions, TrainingStage,
+};
 pub use sidecar::sidecar_path;
 
 /// Loads a model and normalises it.

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use kdgraph::{report, Error, OptionKind, OptionValue, PlanOptions, Result, Term, TrainingStage};
+use kdgraph::{
+    report, Error, OptionKind, OptionValue, Pairing, PlanOptions, Result, Term, TrainingStage,
+};
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +84,10 @@ struct MergeArgs {
     /// Sizes of the image input besides the batch (C,H,W), for models exported with symbolic sizes.
     #[arg(long, value_name = "C,H,W", value_parser = parse_dims)]
     input_shape: Option<Dims>,
+    /// How stage ends are paired: by position (RepDistiller's; where the counts differ, the
+    /// deepest of each), or maps of equal resolution.
+    #[arg(long, value_enum, default_value_t = Pairing::Position)]
+    pairing: Pairing,
     /// Weight of the KD term (default: 0.9 with --method kd, else 0).
     #[arg(long, help_heading = "Loss weights")]
     alpha: Option<f64>,
@@ -262,6 +268,7 @@ fn show_terms(model: &str, batch: usize, terms: &[Term]) -> String {
 
 fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<()> {
     let options = PlanOptions {
+        pairing: args.pairing,
         methods: args.methods,
         taps: args.taps,
         gamma: args.gamma,

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use crate::analysis::{show_shape, ModelAnalysis, TensorInfo};
-use crate::plan::Plan;
+use crate::plan::{Pairing, Plan, TapKind};
 
 /// `kdgraph inspect` as text.
 pub fn analysis_text(a: &ModelAnalysis) -> String {
@@ -82,6 +82,19 @@ pub fn plan_text(plan: &Plan) -> String {
             .map(|(m, b)| format!("{b} * {}", m.as_str().to_uppercase())),
     );
     let _ = writeln!(out, "loss = {}", terms.join(" + "));
+    let pairs_stage_ends = plan.methods.iter().any(|m| {
+        matches!(
+            m.spec().taps,
+            TapKind::StageEnds | TapKind::StageEndsPreRelu | TapKind::AllSpatial
+        )
+    });
+    if pairs_stage_ends {
+        let how = match plan.pairing {
+            Pairing::Position => "position",
+            Pairing::Resolution => "resolution",
+        };
+        let _ = writeln!(out, "stage ends paired by {how} (--pairing)");
+    }
     for &method in &plan.methods {
         let weight = match plan.hyper.beta.get(&method) {
             Some(b) => format!("beta {b}"),

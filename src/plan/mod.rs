@@ -22,9 +22,23 @@ pub use spec::{
     Weights, KD, SPEC_DEFAULTS,
 };
 
+/// How the stage ends (and spatial maps) of two models are paired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Pairing {
+    /// By position, as RepDistiller pairs `feat[1:-1]` (equal counts); where the counts differ,
+    /// the deepest maps of each, the shallower extra maps of the larger model unused.
+    #[default]
+    Position,
+    /// Maps of equal resolution (H x W); maps without a partner are unused.
+    Resolution,
+}
+
 /// What the user asked for, before any model is looked at.
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
+    /// How stage ends are paired.
+    pub pairing: Pairing,
     /// Method ids as typed (`kd`, `at`, ...).
     pub methods: Vec<String>,
     /// `--tap TEACHER=STUDENT` pairs that replace the automatic pairing of feature methods.
@@ -192,6 +206,7 @@ pub struct Plan {
     pub student_file: String,
     pub methods: Vec<MethodName>,
     pub hyper: Hyper,
+    pub pairing: Pairing,
     pub pairs: Vec<TapPair>,
     pub notes: Vec<String>,
     pub warnings: Vec<String>,
@@ -301,7 +316,10 @@ pub fn plan(
                 check_tap_ranks(method, kind, given)?;
                 given.clone()
             }
-            (None, kind) => automatic_pairs(&teacher, &student, kind, method, known, &mut notes)?,
+            (None, kind) => {
+                let how = (method, options.pairing);
+                automatic_pairs(&teacher, &student, kind, how, known, &mut notes)?
+            }
         };
         let values = hyper
             .options
@@ -343,6 +361,7 @@ pub fn plan(
         student_file: student.model.clone(),
         methods,
         hyper,
+        pairing: options.pairing,
         pairs,
         notes,
         warnings,
@@ -531,7 +550,7 @@ fn automatic_pairs(
     teacher: &ModelAnalysis,
     student: &ModelAnalysis,
     kind: TapKind,
-    method: MethodName,
+    (method, pairing): (MethodName, Pairing),
     known: &[MethodName],
     notes: &mut Vec<String>,
 ) -> Result<Vec<Candidate>> {
@@ -615,22 +634,75 @@ fn automatic_pairs(
             logit_and_embedding.join(", ")
         )));
     }
-    if t_stages.len() != s_stages.len() {
-        notes.push(format!(
-            "{method}: teacher has {} maps and student {}: paired from the last backwards, so the first {} of the {} are unused",
-            t_stages.len(),
-            s_stages.len(),
-            t_stages.len().abs_diff(s_stages.len()),
-            if t_stages.len() > s_stages.len() { "teacher" } else { "student" }
-        ));
+    let pairs: Vec<(&NetworkStage, &NetworkStage)> = match pairing {
+        Pairing::Position => {
+            let (t_tail, s_tail) = (
+                &t_stages[t_stages.len() - n..],
+                &s_stages[s_stages.len() - n..],
+            );
+            t_tail.iter().zip(s_tail).collect()
+        }
+        Pairing::Resolution => {
+            let size = |s: &NetworkStage| {
+                (
+                    s.shape.get(2).and_then(fixed),
+                    s.shape.get(3).and_then(fixed),
+                )
+            };
+            // The deepest map of each resolution on each side.
+            let mut pairs = Vec::new();
+            for t in t_stages {
+                let later_same = t_stages.iter().rev().find(|o| size(o) == size(t));
+                if later_same.map(|o| o.index) != Some(t.index) {
+                    continue;
+                }
+                if let Some(s) = s_stages.iter().rev().find(|s| size(s) == size(t)) {
+                    pairs.push((t, s));
+                }
+            }
+            if pairs.is_empty() {
+                return Err(Error::unsupported(format!(
+                    "{method} with --pairing resolution: teacher `{}` and student `{}` have no stage ends of equal \
+                     resolution; use --pairing position or --tap",
+                    teacher.model, student.model
+                )));
+            }
+            pairs
+        }
+    };
+    for (role, model, stages, used) in [
+        (
+            "teacher",
+            teacher,
+            t_stages,
+            pairs.iter().map(|p| p.0.index).collect::<Vec<_>>(),
+        ),
+        (
+            "student",
+            student,
+            s_stages,
+            pairs.iter().map(|p| p.1.index).collect(),
+        ),
+    ] {
+        let unused: Vec<String> = stages
+            .iter()
+            .filter(|s| !used.contains(&s.index))
+            .map(|s| format!("{} {} `{}`", s.name, show_shape(&s.shape), s.tensor))
+            .collect();
+        if !unused.is_empty() {
+            notes.push(format!(
+                "{method}: pairing by {}: {role} `{}` leaves {} unpaired",
+                match pairing {
+                    Pairing::Position => "position (the deepest maps of each model)",
+                    Pairing::Resolution => "resolution",
+                },
+                model.model,
+                unused.join(", ")
+            ));
+        }
     }
-    let (t_tail, s_tail) = (
-        &t_stages[t_stages.len() - n..],
-        &s_stages[s_stages.len() - n..],
-    );
-    Ok(t_tail
-        .iter()
-        .zip(s_tail)
+    Ok(pairs
+        .into_iter()
         .map(|(t, s)| (s.name.clone(), pick(t), pick(s)))
         .collect())
 }
