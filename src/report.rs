@@ -25,9 +25,14 @@ pub fn analysis_text(a: &ModelAnalysis) -> String {
             Some(t) => format!("pre-ReLU `{t}`"),
             None => "no pre-ReLU tap".to_string(),
         };
+        let module = stage
+            .module
+            .as_ref()
+            .map(|m| format!("  module {m}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  {}  {:<7} {:<18} `{}`  ({pre})",
+            "  {}  {:<7} {:<18} `{}`  ({pre}){module}",
             stage.index,
             stage.name,
             show_shape(&stage.shape),
@@ -106,8 +111,22 @@ pub fn plan_text(plan: &Plan) -> String {
         }
         for pair in plan.pairs.iter().filter(|p| p.method == method) {
             let _ = writeln!(out, "  {}", pair.stage);
-            let _ = writeln!(out, "    teacher {}", tensor(&pair.teacher));
-            let _ = writeln!(out, "    student {}", tensor(&pair.student));
+            let origin = |stage: &str, module: &Option<String>| match module {
+                Some(m) => format!("  ({stage}, module {m})"),
+                None => format!("  ({stage})"),
+            };
+            let _ = writeln!(
+                out,
+                "    teacher {}{}",
+                tensor(&pair.teacher),
+                origin(&pair.teacher_stage, &pair.teacher_module)
+            );
+            let _ = writeln!(
+                out,
+                "    student {}{}",
+                tensor(&pair.student),
+                origin(&pair.student_stage, &pair.student_module)
+            );
             let pool = pair
                 .pool
                 .as_ref()

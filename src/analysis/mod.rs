@@ -38,6 +38,9 @@ pub struct NetworkStage {
     pub tensor: String,
     pub shape: Shape,
     pub pre_relu: Option<String>,
+    /// The module the stage tensor belongs to (`layer2.1`), where the export records one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
 }
 
 impl NetworkStage {
@@ -95,6 +98,14 @@ pub struct BatchNormParams {
 }
 
 impl ModelAnalysis {
+    /// The module path of a tap: its stage's where it is a stage tensor or its pre-ReLU point.
+    pub fn module_of(&self, tensor: &str) -> Option<String> {
+        self.stages
+            .iter()
+            .find(|s| s.tensor == tensor || s.pre_relu.as_deref() == Some(tensor))
+            .and_then(|s| s.module.clone())
+    }
+
     /// The BatchNorm whose output is `tensor`, or is added into it.
     pub fn batchnorm_feeding(&self, tensor: &str) -> Option<&BatchNormParams> {
         self.batchnorm_outputs.get(tensor)
@@ -178,6 +189,7 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
             },
             tensor: tensor.clone(),
             shape: info(tensor).shape,
+            module: scopes::module_path(&flow, tensor),
             pre_relu: taps::pre_relu(&flow, tensor)
                 .or_else(|| {
                     (index > 0)

@@ -185,7 +185,17 @@ impl Serialize for Pool {
 #[derive(Debug, Clone, Serialize)]
 pub struct TapPair {
     pub method: MethodName,
+    /// The pair's label, used in the names of what the method adds: the stage name both models
+    /// give the pair's maps, or `<teacher stage>_<student stage>` where they differ.
     pub stage: String,
+    /// Each model's own name of its tap (`stage3`, `stem`, `embedding`, `tap1`, ...).
+    pub teacher_stage: String,
+    pub student_stage: String,
+    /// Each tap's module path, where the export records one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_module: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub student_module: Option<String>,
     pub teacher: TensorInfo,
     pub student: TensorInfo,
     pub pool: Option<Pool>,
@@ -327,7 +337,12 @@ pub fn plan(
             .find(|(m, _)| *m == method)
             .map(|(_, v)| v.clone())
             .unwrap_or_default();
-        for (stage, t, s) in candidates {
+        for (t_stage, s_stage, t, s) in candidates {
+            let stage = if t_stage == s_stage {
+                s_stage.clone()
+            } else {
+                format!("{t_stage}_{s_stage}")
+            };
             let connectors = (spec.connectors)(&t, &s, &values)?;
             let pool = if spec.pools { pool_for(&t, &s) } else { None };
             let connector = (!connectors.is_empty()).then(|| {
@@ -340,6 +355,10 @@ pub fn plan(
             let pair = TapPair {
                 method,
                 stage,
+                teacher_module: teacher.module_of(&t.tensor),
+                student_module: student.module_of(&s.tensor),
+                teacher_stage: t_stage,
+                student_stage: s_stage,
                 teacher_batchnorm: teacher.batchnorm_feeding(&t.tensor).cloned(),
                 teacher: t,
                 student: s,
@@ -520,7 +539,8 @@ fn check_inputs(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<()> 
     Ok(())
 }
 
-type Candidate = (String, TensorInfo, TensorInfo);
+/// (teacher's name of its tap, student's name of its tap, teacher tap, student tap).
+type Candidate = (String, String, TensorInfo, TensorInfo);
 
 fn logits_pair(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<Candidate> {
     if teacher.class_count() != student.class_count() {
@@ -534,6 +554,7 @@ fn logits_pair(teacher: &ModelAnalysis, student: &ModelAnalysis) -> Result<Candi
         )));
     }
     Ok((
+        "logits".into(),
         "logits".into(),
         teacher.logits.clone(),
         student.logits.clone(),
@@ -565,6 +586,7 @@ fn automatic_pairs(
         TapKind::Embedding => {
             return Ok(vec![(
                 "embedding".into(),
+                "embedding".into(),
                 teacher.embedding.clone(),
                 student.embedding.clone(),
             )])
@@ -581,11 +603,11 @@ fn automatic_pairs(
                     student.stages.len()
                 )));
             };
-            return Ok(vec![(s.name.clone(), t.info(), s.info())]);
+            return Ok(vec![(t.name.clone(), s.name.clone(), t.info(), s.info())]);
         }
         TapKind::LastSpatial => {
             let (t, s) = (last(teacher), last(student));
-            return Ok(vec![(s.name.clone(), t.info(), s.info())]);
+            return Ok(vec![(t.name.clone(), s.name.clone(), t.info(), s.info())]);
         }
         TapKind::StageEnds => (
             stages_after_stem(teacher),
@@ -703,7 +725,7 @@ fn automatic_pairs(
     }
     Ok(pairs
         .into_iter()
-        .map(|(t, s)| (s.name.clone(), pick(t), pick(s)))
+        .map(|(t, s)| (t.name.clone(), s.name.clone(), pick(t), pick(s)))
         .collect())
 }
 
@@ -713,7 +735,7 @@ fn check_tap_ranks(method: MethodName, kind: TapKind, given: &[Candidate]) -> Re
         TapKind::Embedding => (2, "an N x D embedding"),
         _ => (4, "an N x C x H x W feature map"),
     };
-    for (_, t, s) in given {
+    for (_, _, t, s) in given {
         for info in [t, s] {
             if info.shape.len() != rank {
                 return Err(Error::usage(format!(
@@ -786,6 +808,7 @@ fn resolve_taps(
         .enumerate()
         .map(|(i, (t, s))| {
             Ok((
+                format!("tap{}", i + 1),
                 format!("tap{}", i + 1),
                 find(teacher, "teacher", t)?,
                 find(student, "student", s)?,

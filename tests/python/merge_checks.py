@@ -765,7 +765,7 @@ def frozen_feats(name: str, seed: int, x: np.ndarray, preact: bool = False, trai
 
 
 def pick_feat(feats, logits, stage: str):
-    """The feat that a sidecar stage name denotes (stem -> feats[0], stageK -> feats[K], ...)."""
+    """The feat that a model's own stage name in a pair denotes (stem -> feats[0], stageK -> feats[K], ...)."""
     if stage == "logits":
         return logits
     if stage == "embedding":
@@ -808,8 +808,8 @@ def torch_taps(j: Joint, x: np.ndarray, seed: int, train: bool):
         values[j.student_outputs[0]] = s_feats(False)[1]
     for p in j.sidecar["pairs"]:
         preact = p["method"] in PREACT_METHODS
-        values[p["student"]["tensor"]] = pick_feat(*s_feats(preact), p["stage"])
-        values["teacher/" + p["teacher"]["tensor"]] = pick_feat(*frozen_feats(t_name, seed, x, preact, teacher_train), p["stage"])
+        values[p["student"]["tensor"]] = pick_feat(*s_feats(preact), p["student_stage"])
+        values["teacher/" + p["teacher"]["tensor"]] = pick_feat(*frozen_feats(t_name, seed, x, preact, teacher_train), p["teacher_stage"])
     return values, student
 
 

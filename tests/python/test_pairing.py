@@ -51,3 +51,19 @@ def test_pairing_by_position_and_by_resolution(kdgraph_bin, tmp_path):
     want = R.at([(torch.from_numpy(values[s]).double(), torch.from_numpy(values[t]).double())
                  for s, t in names]).item()
     assert abs(float(values["loss/at"]) - want) <= 1e-4 * abs(want)
+
+
+def test_pairs_are_labelled_by_both_models_stages_and_modules(kdgraph_bin):
+    # Issue 10.7: a label may not mix the two models' numbering silently.
+    teacher, student = fixture_path("vgg13_bn", "eval"), fixture_path("resnet20", "eval")
+    pairs = plan(kdgraph_bin, teacher, student)["pairs"]
+    first = pairs[0]
+    assert (first["teacher_stage"], first["student_stage"]) == ("stage2", "stage1"), first
+    assert first["stage"] == "stage2_stage1", first
+    assert first["student_module"] == "layer1.2", first
+    text = subprocess.run([str(kdgraph_bin), "merge", str(teacher), str(student), "-m", "at", "--dry-run"],
+                          check=True, capture_output=True, text=True).stdout
+    assert "(stage1, module layer1.2)" in text and "(stage2, module " in text, text
+    # Where both models call their maps alike, the label is that name.
+    same = plan(kdgraph_bin, fixture_path("resnet56", "eval"), student)["pairs"]
+    assert [p["stage"] for p in same] == ["stage1", "stage2", "stage3"]
