@@ -4,9 +4,9 @@
 use super::LossContext;
 use crate::analysis::TensorInfo;
 use crate::error::Result;
-use crate::plan::connector::{feat_dim, features, FEAT_DIM};
+use crate::plan::connector::{embeddings_on_both_sides, FEAT_DIM};
 use crate::plan::{
-    Connector, Layer, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues, Side, TapKind,
+    Connector, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues, Side, TapKind,
     TapPair, Weights, SPEC_DEFAULTS,
 };
 
@@ -40,24 +40,7 @@ fn connectors(
     student: &TensorInfo,
     options: &OptionValues,
 ) -> Result<Vec<Connector>> {
-    let linear = |info: &TensorInfo| -> Result<Vec<Layer>> {
-        Ok(vec![Layer::Linear {
-            in_features: features(info)?,
-            out_features: feat_dim(options),
-        }])
-    };
-    Ok(vec![
-        Connector {
-            name: "embed",
-            side: Side::Student,
-            layers: linear(student)?,
-        },
-        Connector {
-            name: "embed",
-            side: Side::Teacher,
-            layers: linear(teacher)?,
-        },
-    ])
+    embeddings_on_both_sides(teacher, student, options, &[])
 }
 
 /// `mean over i < B-1 of sum_d |e_s - e_t|[i,d] * |e_s - e_t|[i+1,d]`; 0 at batch 1.

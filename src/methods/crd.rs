@@ -5,7 +5,7 @@ use super::LossContext;
 use crate::analysis::{Dim, TensorInfo};
 use crate::error::{Error, Result};
 use crate::onnx::builder::{Attr, GraphBuilder};
-use crate::plan::connector::{feat_dim, features, FEAT_DIM};
+use crate::plan::connector::{embeddings_on_both_sides, FEAT_DIM};
 use crate::plan::{
     Connector, Layer, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues, Role, Side,
     TapKind, TapPair, Weights, SPEC_DEFAULTS,
@@ -127,27 +127,7 @@ fn connectors(
     student: &TensorInfo,
     options: &OptionValues,
 ) -> Result<Vec<Connector>> {
-    let embed = |info: &TensorInfo| -> Result<Vec<Layer>> {
-        Ok(vec![
-            Layer::Linear {
-                in_features: features(info)?,
-                out_features: feat_dim(options),
-            },
-            Layer::L2Normalize,
-        ])
-    };
-    Ok(vec![
-        Connector {
-            name: "embed",
-            side: Side::Student,
-            layers: embed(student)?,
-        },
-        Connector {
-            name: "embed",
-            side: Side::Teacher,
-            layers: embed(teacher)?,
-        },
-    ])
+    embeddings_on_both_sides(teacher, student, options, &[Layer::L2Normalize])
 }
 
 /// `loss(out_s / Z_s) + loss(out_t / Z_t)` with the NCE loss of METHODS.md 13; memories and Z

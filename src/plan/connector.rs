@@ -158,6 +158,32 @@ pub fn feat_dim(options: &super::OptionValues) -> i64 {
         .unwrap_or(FEAT_DIM)
 }
 
+/// An `embed` connector on each side (CC's and CRD's): a linear from the embedding to
+/// `feat_dim`, then `after` (CRD's L2 normalisation).
+pub fn embeddings_on_both_sides(
+    teacher: &TensorInfo,
+    student: &TensorInfo,
+    options: &super::OptionValues,
+    after: &[Layer],
+) -> Result<Vec<Connector>> {
+    let embed = |info: &TensorInfo, side: Side| -> Result<Connector> {
+        let mut layers = vec![Layer::Linear {
+            in_features: features(info)?,
+            out_features: feat_dim(options),
+        }];
+        layers.extend(after.iter().cloned());
+        Ok(Connector {
+            name: "embed",
+            side,
+            layers,
+        })
+    };
+    Ok(vec![
+        embed(student, Side::Student)?,
+        embed(teacher, Side::Teacher)?,
+    ])
+}
+
 /// The feature size of a [N, D] embedding, or of [N, C, H, W] averaged over space (the input
 /// of a convolutional classifier).
 pub fn features(info: &TensorInfo) -> Result<i64> {
