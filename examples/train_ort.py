@@ -506,7 +506,7 @@ def main():
     try:
         result = train(args.sidecar, args.steps, args.init_steps, args.batch, args.device, args.lr, data, args.workdir)
     except SidecarMismatch as exc:
-        print(f"train_ort.py: error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except OrtTrainingFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
