@@ -85,12 +85,13 @@ pub fn assemble(
     let wanted: HashSet<String> = outputs.iter().map(|o| o.name.clone()).collect();
     edit::prune_to(&mut graph, &wanted);
     edit::topological_sort(&mut graph)?;
-    let (requires_grad, frozen_params) = parameters.in_graph(&graph);
+    let reaching_loss = edit::ancestors(&graph, LOSS);
+    let (requires_grad, frozen_params) = parameters.in_graph(&graph, &reaching_loss);
     let mut warnings = plan.warnings.clone();
     warnings.extend(ort_training::check_trainable_path(
         &graph,
         &requires_grad,
-        LOSS,
+        &reaching_loss,
         &s_shown,
     )?);
 
@@ -349,8 +350,11 @@ fn parameters(s_graph: &pb::GraphProto, student: &PreparedModel, b: &GraphBuilde
 impl Parameters {
     /// (`requires_grad`, `frozen_params`) of the finished graph: trainable parameters that
     /// reach the loss, frozen ones that are still initializers.
-    fn in_graph(self, graph: &pb::GraphProto) -> (Vec<String>, Vec<String>) {
-        let reaching_loss = edit::ancestors(graph, LOSS);
+    fn in_graph(
+        self,
+        graph: &pb::GraphProto,
+        reaching_loss: &HashSet<&str>,
+    ) -> (Vec<String>, Vec<String>) {
         let initializer_names: HashSet<&str> =
             graph.initializer.iter().map(|t| t.name.as_str()).collect();
         let requires_grad = self

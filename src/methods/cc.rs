@@ -4,22 +4,12 @@
 use super::LossContext;
 use crate::analysis::TensorInfo;
 use crate::error::Result;
-use crate::plan::connector::{embeddings_on_both_sides, FEAT_DIM};
+use crate::plan::connector::{embeddings_on_both_sides, feat_dim_option};
 use crate::plan::{
-    Connector, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues, Side, TapKind,
-    TapPair, Weights, SPEC_DEFAULTS,
+    Connector, MethodSpec, OptionSpec, OptionValues, Side, TapKind, TapPair, Weights, SPEC_DEFAULTS,
 };
 
-static OPTIONS: [OptionSpec; 1] = [OptionSpec {
-    flag: "cc-feat-dim",
-    key: "feat_dim",
-    value_name: "D",
-    help: "the size of the embeddings compared",
-    default: Some(OptionValue::Int(FEAT_DIM)),
-    kind: OptionKind::Int,
-    min: 1.0,
-    max: 65536.0,
-}];
+static OPTIONS: [OptionSpec; 1] = [feat_dim_option("cc-feat-dim")];
 
 pub static SPEC: MethodSpec = MethodSpec {
     id: "cc",

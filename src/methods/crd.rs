@@ -5,10 +5,10 @@ use super::LossContext;
 use crate::analysis::{Dim, TensorInfo};
 use crate::error::{Error, Result};
 use crate::onnx::builder::{Attr, GraphBuilder};
-use crate::plan::connector::{embeddings_on_both_sides, FEAT_DIM};
+use crate::plan::connector::{embeddings_on_both_sides, feat_dim_option};
 use crate::plan::{
-    Connector, Layer, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues, Role, Side,
-    TapKind, TapPair, Weights, SPEC_DEFAULTS,
+    option_value, Connector, Layer, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues,
+    Role, Side, TapKind, TapPair, Weights, SPEC_DEFAULTS,
 };
 
 /// The most training samples the memory banks are built for (2^24: 2 x 8 GiB of float32).
@@ -37,16 +37,7 @@ static OPTIONS: [OptionSpec; 5] = [
         min: 1.0,
         max: MAX_SAMPLES,
     },
-    OptionSpec {
-        flag: "crd-feat-dim",
-        key: "feat_dim",
-        value_name: "D",
-        help: "the size of the embeddings compared",
-        default: Some(OptionValue::Int(FEAT_DIM)),
-        kind: OptionKind::Int,
-        min: 1.0,
-        max: 65536.0,
-    },
+    feat_dim_option("crd-feat-dim"),
     OptionSpec {
         flag: "crd-temperature",
         key: "temperature",
@@ -72,12 +63,7 @@ static OPTIONS: [OptionSpec; 5] = [
 /// Negatives are other samples: fewer than the training set has. Without --crd-negatives, the
 /// reference's 16384 shrinks to what the training set holds (N - 1), and the report says so.
 fn settle_options(values: &mut OptionValues, given: &[&str]) -> Result<Vec<String>> {
-    let get = |values: &OptionValues, key: &str| {
-        values
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v.as_i64())
-    };
+    let get = |values: &OptionValues, key: &str| option_value(values, key).map(|v| v.as_i64());
     let (Some(n_data), Some(negatives)) = (get(values, "n_data"), get(values, "negatives")) else {
         return Ok(Vec::new());
     };

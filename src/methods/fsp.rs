@@ -6,8 +6,8 @@ use crate::error::{Error, Result};
 use crate::onnx::builder::GraphBuilder;
 use crate::plan::connector::chw;
 use crate::plan::{
-    Connector, ConvInit, InitStage, Layer, MethodSpec, OptionKind, OptionSpec, OptionValue,
-    OptionValues, Side, TapKind, TapPair, TrainingStage, Weights, SPEC_DEFAULTS,
+    option_value, Connector, ConvInit, InitStage, Layer, MethodSpec, OptionKind, OptionSpec,
+    OptionValue, OptionValues, Side, TapKind, TapPair, TrainingStage, Weights, SPEC_DEFAULTS,
 };
 
 pub static SPEC: MethodSpec = MethodSpec {
@@ -53,9 +53,7 @@ fn connectors(
     if t_c == s_c {
         return Ok(Vec::new());
     }
-    let wanted = options
-        .iter()
-        .any(|(key, value)| *key == "connectors" && *value == OptionValue::Flag(true));
+    let wanted = option_value(options, "connectors") == Some(OptionValue::Flag(true));
     if !wanted {
         return Err(Error::unsupported(format!(
             "FSP needs equal channel counts at each position, but student `{}` has {s_c} and teacher `{}` has {t_c}; \

@@ -264,30 +264,27 @@ pub fn inline_constant_aliases(graph: &mut pb::GraphProto) {
         match node.op_type.as_str() {
             "Constant" => {
                 let attribute = node.attribute.first();
+                // A scalar has no dims; a list has one.
+                let floats = |values: Vec<f32>, dims: Vec<i64>| pb::TensorProto {
+                    data_type: T::Float as i32,
+                    dims,
+                    float_data: values,
+                    ..Default::default()
+                };
+                let ints = |values: Vec<i64>, dims: Vec<i64>| pb::TensorProto {
+                    data_type: T::Int64 as i32,
+                    dims,
+                    int64_data: values,
+                    ..Default::default()
+                };
                 let tensor = attribute.and_then(|a| match (a.name.as_str(), a.r#type) {
                     ("value", _) => a.t.clone(),
-                    ("value_float", t) if t == A::Float as i32 => Some(pb::TensorProto {
-                        data_type: T::Float as i32,
-                        float_data: vec![a.f],
-                        ..Default::default()
-                    }),
-                    ("value_floats", _) => Some(pb::TensorProto {
-                        data_type: T::Float as i32,
-                        dims: vec![a.floats.len() as i64],
-                        float_data: a.floats.clone(),
-                        ..Default::default()
-                    }),
-                    ("value_int", t) if t == A::Int as i32 => Some(pb::TensorProto {
-                        data_type: T::Int64 as i32,
-                        int64_data: vec![a.i],
-                        ..Default::default()
-                    }),
-                    ("value_ints", _) => Some(pb::TensorProto {
-                        data_type: T::Int64 as i32,
-                        dims: vec![a.ints.len() as i64],
-                        int64_data: a.ints.clone(),
-                        ..Default::default()
-                    }),
+                    ("value_float", t) if t == A::Float as i32 => Some(floats(vec![a.f], vec![])),
+                    ("value_floats", _) => {
+                        Some(floats(a.floats.clone(), vec![a.floats.len() as i64]))
+                    }
+                    ("value_int", t) if t == A::Int as i32 => Some(ints(vec![a.i], vec![])),
+                    ("value_ints", _) => Some(ints(a.ints.clone(), vec![a.ints.len() as i64])),
                     _ => None,
                 });
                 match tensor.filter(|t| {

@@ -96,17 +96,16 @@ fn cast_to_float(node: &pb::NodeProto) -> bool {
     })
 }
 
-/// Checks every node through which a gradient flows from `parameters` to `loss`: its op must
-/// have an ORT Training gradient in the form it is written. Returns warnings for ops that
-/// train on CUDA only. `shown` names the graph in messages.
+/// Checks every node through which a gradient flows from `parameters` to the loss (whose
+/// ancestors are `reaching_loss`): its op must have an ORT Training gradient in the form it is
+/// written. Returns warnings for ops that train on CUDA only. `shown` names the graph in messages.
 pub fn check_trainable_path(
     graph: &pb::GraphProto,
     parameters: &[String],
-    loss: &str,
+    reaching_loss: &HashSet<&str>,
     shown: &str,
 ) -> Result<Vec<String>> {
     let registry = Registry::load();
-    let reaching_loss = super::edit::ancestors(graph, loss);
     let mut trainable: HashSet<&str> = parameters.iter().map(String::as_str).collect();
     let mut warnings = Vec::new();
     // Nodes are in topological order: one pass carries "receives a gradient" forward.

@@ -151,11 +151,21 @@ pub const FEAT_DIM: i64 = 128;
 
 /// The `feat_dim` option of a method's values (CC, CRD), else RepDistiller's.
 pub fn feat_dim(options: &super::OptionValues) -> i64 {
-    options
-        .iter()
-        .find(|(k, _)| *k == "feat_dim")
-        .map(|(_, v)| v.as_i64())
-        .unwrap_or(FEAT_DIM)
+    super::option_value(options, "feat_dim").map_or(FEAT_DIM, |v| v.as_i64())
+}
+
+/// The `feat_dim` option of an embedding method, as `--<flag>` (CC's and CRD's).
+pub const fn feat_dim_option(flag: &'static str) -> super::OptionSpec {
+    super::OptionSpec {
+        flag,
+        key: "feat_dim",
+        value_name: "D",
+        help: "the size of the embeddings compared",
+        default: Some(super::OptionValue::Int(FEAT_DIM)),
+        kind: super::OptionKind::Int,
+        min: 1.0,
+        max: 65536.0,
+    }
 }
 
 /// An `embed` connector on each side (CC's and CRD's): a linear from the embedding to

@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 use crate::suggest::nearest;
 pub use connector::{Connector, ConvInit, Layer, Side};
 pub use spec::{
-    InitStage, MethodName, MethodSpec, OptionKind, OptionSpec, OptionValue, OptionValues, TapKind,
-    Weights, KD, SPEC_DEFAULTS,
+    option_value, InitStage, MethodName, MethodSpec, OptionKind, OptionSpec, OptionValue,
+    OptionValues, TapKind, Weights, KD, SPEC_DEFAULTS,
 };
 
 /// How the stage ends (and spatial maps) of two models are paired.
@@ -76,8 +76,7 @@ impl Hyper {
         self.options
             .iter()
             .find(|(m, _)| *m == method)
-            .and_then(|(_, values)| values.iter().find(|(k, _)| *k == key))
-            .map(|(_, v)| *v)
+            .and_then(|(_, values)| option_value(values, key))
             .ok_or_else(|| {
                 let spec = method.spec().options.iter().find(|o| o.key == key);
                 Error::usage(match spec {

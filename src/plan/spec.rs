@@ -123,6 +123,11 @@ pub struct OptionSpec {
 /// The option values of one method, in the order its spec declares them.
 pub type OptionValues = Vec<(&'static str, OptionValue)>;
 
+/// The value of option `key` among a method's values.
+pub fn option_value(values: &OptionValues, key: &str) -> Option<OptionValue> {
+    values.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+}
+
 /// The connectors a method inserts for one (teacher, student) pair.
 pub type ConnectorsFn = fn(&TensorInfo, &TensorInfo, &OptionValues) -> Result<Vec<Connector>>;
 
