@@ -137,8 +137,13 @@ KNOWN_EXPORT_FAILURES = {}
 
 def known_export_failure(name, mode, version=None):
     """The recorded reason why this torch version cannot export `name` in `mode`, else None."""
+    return known_failure(KNOWN_EXPORT_FAILURES, name, mode, version)
+
+
+def known_failure(table, name, mode, version=None):
+    """The reason `table` ({(mode, name): [(torch version prefix, reason)]}) records for this torch."""
     version = torch.__version__ if version is None else version
-    for prefix, reason in KNOWN_EXPORT_FAILURES.get((mode, name), ()):
+    for prefix, reason in table.get((mode, name), ()):
         if version.startswith(prefix):
             return reason
     return None
@@ -152,26 +157,41 @@ def export(name, mode):
     are not cached: a rerun tries again.
     """
     assert mode in MODES, mode
-    final = cache_dir(name, mode)
+    # Exports made by an older exports.py or torch for the same model and mode are stale.
+    same = re.compile(rf"torch[^-]+-{re.escape(name)}-{re.escape(mode)}-\d+px-[0-9a-f]+(\.partial)?")
+    return cached_export(cache_dir(name, mode), same, lambda path: _export(build(name), name, mode, path))
+
+
+def cached_export(final, stale, write):
+    """`final`/model.onnx, written by `write(path)` first if missing: into a .partial folder renamed
+    when done (a failure leaves nothing), after removing the folders whose names match `stale`."""
     model_path = final / "model.onnx"
     if model_path.exists():
         return model_path
-    # Exports made by an older exports.py or torch for the same model and mode are stale.
-    same = re.compile(rf"torch[^-]+-{re.escape(name)}-{re.escape(mode)}-\d+px-[0-9a-f]+(\.partial)?")
-    for stale in CACHE.glob("*"):
-        if stale.is_dir() and same.fullmatch(stale.name) and stale.name != final.name:
-            shutil.rmtree(stale, ignore_errors=True)
+    if CACHE.exists():
+        for old in CACHE.glob("*"):
+            if old.is_dir() and stale.fullmatch(old.name) and old.name != final.name:
+                shutil.rmtree(old, ignore_errors=True)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        _export(build(name), name, mode, partial / "model.onnx")
+        write(partial / "model.onnx")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     return model_path
+
+
+def export_failure(exc, name, mode, reason):
+    """The ExportFailed that replaces `exc` where `reason` records a known limit; else re-raises."""
+    if reason is None:
+        raise exc  # not a known limit of this torch: the environment or the model is broken
+    message = (f"torch {torch.__version__} is known not to export {name} in {mode} mode: {reason} "
+               f"({type(exc).__name__}: {exc})")
+    return ExportFailed(message[:4000])
 
 
 def _export(model, name, mode, path):
@@ -203,12 +223,7 @@ def _export_quiet(model, name, mode, path, x, common):
                 **common,
             )
     except Exception as exc:
-        reason = known_export_failure(name, mode)
-        if reason is None:
-            raise  # not a known limit of this torch: the environment or the model is broken
-        message = (f"torch {torch.__version__} is known not to export {name} in {mode} mode: {reason} "
-                   f"({type(exc).__name__}: {exc})")
-        raise ExportFailed(message[:4000]) from exc
+        raise export_failure(exc, name, mode, known_export_failure(name, mode)) from exc
     if mode == "ts-train":
         _restore_running_stats(path, original)
 

@@ -23,7 +23,6 @@ import copy
 import functools
 import hashlib
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -95,37 +94,16 @@ def cache_dir(name, mode):
 
 
 def known_export_failure(name, mode, version=None):
-    version = torch.__version__ if version is None else version
-    for prefix, reason in KNOWN_EXPORT_FAILURES.get((mode, name), ()):
-        if version.startswith(prefix):
-            return reason
-    return None
+    return exports.known_failure(KNOWN_EXPORT_FAILURES, name, mode, version)
 
 
 def export(name, mode):
     """Path of the cached export of student `name` in `mode`, exporting it first if needed (as
     exports.export: stale versions removed, failures not cached, ExportFailed for a recorded limit)."""
     assert mode in MODES, mode
-    final = cache_dir(name, mode)
-    model_path = final / "model.onnx"
-    if model_path.exists():
-        return model_path
     same = re.compile(rf"torch[^-]+-student-{re.escape(name)}-{re.escape(mode)}-\d+px-[0-9a-f]+(\.partial)?")
-    if exports.CACHE.exists():
-        for stale in exports.CACHE.glob("*"):
-            if stale.is_dir() and same.fullmatch(stale.name) and stale.name != final.name:
-                shutil.rmtree(stale, ignore_errors=True)
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        _export(build(name), name, mode, partial / "model.onnx")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    return model_path
+    return exports.cached_export(cache_dir(name, mode), same,
+                                 lambda path: _export(build(name), name, mode, path))
 
 
 def _export(model, name, mode, path):
@@ -147,11 +125,6 @@ def _export(model, name, mode, path):
                     dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False, **common,
                 )
     except Exception as exc:
-        reason = known_export_failure(name, mode)
-        if reason is None:
-            raise
-        message = (f"torch {torch.__version__} is known not to export {name} in {mode} mode: {reason} "
-                   f"({type(exc).__name__}: {exc})")
-        raise exports.ExportFailed(message[:4000]) from exc
+        raise exports.export_failure(exc, name, mode, known_export_failure(name, mode)) from exc
     if mode == "ts-train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         exports._restore_running_stats(path, original)
