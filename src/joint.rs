@@ -5,10 +5,10 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::analysis::shapes::fixed;
-use crate::analysis::Dim;
+use crate::analysis::{parameters, Dim};
 use crate::error::{Error, Result};
 use crate::methods::{self, LossContext, TEACHER_PREFIX};
-use crate::onnx::builder::{Attr, GraphBuilder};
+use crate::onnx::builder::GraphBuilder;
 use crate::onnx::prepare::PreparedModel;
 use crate::onnx::{edit, normalize, ort_training, pb, proto};
 use crate::plan::{Plan, Role, TapPair, TrainingStage};
@@ -113,6 +113,7 @@ pub fn assemble(
         stages: files.stages(),
         notes: plan.notes.clone(),
         warnings,
+        gradients: None,
     };
     Ok(Joint { model, sidecar })
 }
@@ -196,7 +197,7 @@ fn loss_terms(
 ) -> Result<(Vec<Term>, State)> {
     let mut terms = Vec::new();
     if stage == TrainingStage::Main {
-        let ce = cross_entropy(b, &plan.student.logits.tensor);
+        let ce = b.cross_entropy(&plan.student.logits.tensor, LABELS, "kd/ce");
         terms.push(Term {
             output: "loss/ce".into(),
             tensor: ce,
@@ -329,7 +330,7 @@ fn parameters(s_graph: &pb::GraphProto, student: &PreparedModel, b: &GraphBuilde
         .flat_map(|n| n.input.iter().skip(3).take(2).cloned())
         .chain(student.running_statistics.iter().cloned())
         .collect();
-    let mut trainable = trainable_student_parameters(s_graph, &student_statistics);
+    let mut trainable = parameters::trainable_weights(s_graph, &student_statistics);
     trainable.extend(
         b.parameters
             .iter()
@@ -413,66 +414,6 @@ fn names_of(graph: &pb::GraphProto) -> impl Iterator<Item = String> + '_ {
         })
         .chain(graph.initializer.iter().map(|t| t.name.clone()))
         .chain(graph.input.iter().map(|i| i.name.clone()))
-}
-
-/// Mean cross-entropy: stable log-softmax, GatherElements at the labels, mean, negated.
-fn cross_entropy(b: &mut GraphBuilder, logits: &str) -> String {
-    let log_p = b.log_softmax(logits, 1.0, "kd/ce/log_p");
-    let labels = b.unsqueeze(LABELS, &[1], "kd/ce/labels_column");
-    let picked = b.op(
-        "GatherElements",
-        &[&log_p, &labels],
-        vec![("axis", Attr::Int(1))],
-        "kd/ce/label_log_p",
-    );
-    let mean = b.mean_all(&picked, "kd/ce/mean_log_p");
-    b.unary("Neg", &mean, "kd/ce/term")
-}
-
-/// Student float initializers in the places networks keep weights: conv and linear weights and
-/// biases, BN scale and shift, bias-like Add/Mul operands. Shape constants and BN statistics are not.
-fn trainable_student_parameters(
-    graph: &pb::GraphProto,
-    statistics: &HashSet<String>,
-) -> Vec<String> {
-    let initializers = proto::initializers(graph);
-    let weight_slots: &[(&str, &[usize])] = &[
-        ("Conv", &[1, 2]),
-        ("ConvTranspose", &[1, 2]),
-        ("Gemm", &[1, 2]),
-        ("MatMul", &[0, 1]),
-        ("BatchNormalization", &[1, 2]),
-        ("Add", &[0, 1]),
-        ("Mul", &[0, 1]),
-        ("Sub", &[0, 1]),
-        ("PRelu", &[1]),
-        ("LayerNormalization", &[1, 2]),
-    ];
-    let mut seen = HashSet::new();
-    let mut names = Vec::new();
-    for node in &graph.node {
-        let Some((_, slots)) = weight_slots.iter().find(|(op, _)| *op == node.op_type) else {
-            continue;
-        };
-        for &slot in slots.iter() {
-            let Some(name) = node.input.get(slot) else {
-                continue;
-            };
-            let Some(tensor) = initializers.get(name.as_str()) else {
-                continue;
-            };
-            let elements: i64 = tensor.dims.iter().product();
-            if tensor.data_type == pb::tensor_proto::DataType::Float as i32
-                && !tensor.dims.is_empty()
-                && elements > 1
-                && !statistics.contains(name)
-                && seen.insert(name.clone())
-            {
-                names.push(name.clone());
-            }
-        }
-    }
-    names
 }
 
 fn value_info(role: &Role) -> pb::ValueInfoProto {

@@ -4,10 +4,12 @@
 //! [`plan`](plan::plan) the pairs for the chosen methods, and render the plan with [`report`].
 
 mod analysis;
+mod autodiff;
 mod check;
 pub mod error;
 #[cfg(any(test, feature = "fuzz-harness"))]
 pub mod exercise;
+mod gradient;
 mod guard;
 mod joint;
 mod methods;
@@ -22,6 +24,7 @@ use std::path::{Path, PathBuf};
 pub use analysis::ModelAnalysis;
 pub use check::Term;
 pub use error::{Error, ErrorKind, Result};
+pub use gradient::Objective;
 pub use onnx::io::{load_model, LoadedModel};
 pub use onnx::pb;
 pub use onnx::prepare::{prepare, PreparedModel};
@@ -160,6 +163,7 @@ pub fn write_joint(
     merge: &Merge,
     output: &Path,
     check_batch: Option<usize>,
+    emit: Emit,
 ) -> Result<Vec<WrittenStage>> {
     let stages = stage_paths(merge, output)?;
     let file_name = |path: &Path| {
@@ -189,10 +193,27 @@ pub fn write_joint(
             )?),
             None => None,
         };
+        let gradient_graph = match emit {
+            Emit::Joint => None,
+            Emit::Gradients => {
+                let grad_path = gradient_path(&path);
+                let (model, mut file) = gradient::joint_gradients(
+                    &joint.model,
+                    &joint.sidecar.requires_grad,
+                    &grad_path.display().to_string(),
+                )?;
+                let encoded = onnx::io::encode_model(model, &grad_path)?;
+                file.model = file_name(&grad_path);
+                file.model_hash = onnx::io::content_hash(&encoded[0].1);
+                joint.sidecar.gradients = Some(file);
+                Some(encoded)
+            }
+        };
         let encoded = onnx::io::encode_model(joint.model, &path)?;
         // The sidecar records its graph's hash: a graph and a sidecar of two merges do not match.
         joint.sidecar.model_hash = onnx::io::content_hash(&encoded[0].1);
         models.extend(encoded);
+        models.extend(gradient_graph.into_iter().flatten());
         let sidecar =
             serde_json::to_string_pretty(&joint.sidecar).expect("a sidecar always serialises");
         sidecars.push((sidecar_path(&path), sidecar.into_bytes()));
@@ -216,6 +237,21 @@ pub fn write_joint(
     }
     write.commit()?;
     Ok(written)
+}
+
+/// What `merge` writes besides the joint graph and its sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Emit {
+    /// The joint graph only (for ONNX Runtime Training).
+    #[default]
+    Joint,
+    /// Also `<output>.grad.onnx`: the joint graph differentiated by kdgraph.
+    Gradients,
+}
+
+/// `joint.onnx` -> `joint.grad.onnx`, `joint.init.onnx` -> `joint.init.grad.onnx`.
+pub fn gradient_path(graph: &Path) -> PathBuf {
+    graph.with_extension("grad.onnx")
 }
 
 /// The init stage's epochs: the longest any chosen method's reference prescribes.
@@ -245,6 +281,48 @@ fn stage_paths(merge: &Merge, output: &Path) -> Result<Vec<(TrainingStage, PathB
         stages.insert(0, (TrainingStage::Init, output.with_extension("init.onnx")));
     }
     Ok(stages)
+}
+
+/// What `kdgraph grad` wrote: the gradient graph, its sidecar, and how many gradients it holds.
+pub struct WrittenGradients {
+    pub graph: PathBuf,
+    pub sidecar: PathBuf,
+    pub gradients: usize,
+    pub state: usize,
+    pub notes: Vec<String>,
+}
+
+/// Differentiates `model` for `objective` with respect to `wrt` (default: its weights) and
+/// writes the gradient graph to `output` and its sidecar beside it (atomically).
+pub fn write_gradients(
+    model: &Path,
+    objective: &Objective,
+    wrt: &[String],
+    output: &Path,
+    input_shape: Option<&[i64]>,
+) -> Result<WrittenGradients> {
+    onnx::io::ensure_not_an_input(output, &[model])?;
+    check_output_folder(output)?;
+    let prepared = load(model, input_shape)?;
+    let mut grad = gradient::classifier_gradients(&prepared, objective, wrt)?;
+    let encoded = onnx::io::encode_model(grad.model, output)?;
+    grad.sidecar.model_hash = onnx::io::content_hash(&encoded[0].1);
+    let sidecar = sidecar_path(output);
+    let text = serde_json::to_string_pretty(&grad.sidecar).expect("a sidecar always serialises");
+    let mut write = onnx::io::AtomicWrite::new();
+    for (path, bytes) in &encoded {
+        onnx::io::ensure_not_an_input(path, &[model])?;
+        write.stage(path, bytes)?;
+    }
+    write.stage(&sidecar, text.as_bytes())?;
+    write.commit()?;
+    Ok(WrittenGradients {
+        graph: output.to_path_buf(),
+        sidecar,
+        gradients: grad.sidecar.gradients.len(),
+        state: grad.sidecar.state.len(),
+        notes: grad.sidecar.notes,
+    })
 }
 
 /// Loads a joint graph written by `kdgraph merge`, with its sidecar, and runs it with tract at

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use kdgraph::{
-    report, Error, OptionKind, OptionValue, Pairing, PlanOptions, Result, Term, TrainingStage,
+    report, Emit, Error, Objective, OptionKind, OptionValue, Pairing, PlanOptions, Result, Term,
+    TrainingStage,
 };
 
 #[derive(Parser)]
@@ -36,6 +37,9 @@ enum Command {
     },
     /// Pair the teacher's and the student's taps and write the joint training graph.
     Merge(MergeArgs),
+    /// Differentiate a model: write a graph that also outputs the gradient of a loss with
+    /// respect to every weight (standard ONNX operators; runs on stock onnxruntime and tract).
+    Grad(GradArgs),
     /// Run a joint graph with tract on seeded inputs and print every loss term.
     Check {
         /// The joint graph written by `kdgraph merge`.
@@ -44,6 +48,29 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         batch: usize,
     },
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("objective").required(true).args(["labels", "loss"])))]
+struct GradArgs {
+    /// The model to differentiate (a classifier with --labels).
+    model: PathBuf,
+    /// Differentiate the mean cross-entropy of the first output (logits [N, classes]) at an
+    /// int64 input `labels` [N].
+    #[arg(long)]
+    labels: bool,
+    /// Differentiate this scalar output of the model instead.
+    #[arg(long, value_name = "OUTPUT")]
+    loss: Option<String>,
+    /// The initializers to differentiate with respect to (repeatable; default: the model's weights).
+    #[arg(long, value_name = "INITIALIZER")]
+    wrt: Vec<String>,
+    /// The gradient graph to write; its sidecar goes beside it with the extension .json.
+    #[arg(short = 'o', long, default_value = "grad.onnx")]
+    output: PathBuf,
+    /// Sizes of the image input besides the batch (C,H,W), for models exported with symbolic sizes.
+    #[arg(long, value_name = "C,H,W", value_parser = parse_dims)]
+    input_shape: Option<Dims>,
 }
 
 #[derive(clap::Args)]
@@ -62,6 +89,10 @@ struct MergeArgs {
     /// Show the plan (which tensors are paired, pools, connectors, weights); write no graph.
     #[arg(long)]
     dry_run: bool,
+    /// What to write: the joint graph (for ONNX Runtime Training), or also its gradient graph
+    /// `<output>.grad.onnx`, differentiated by kdgraph for stock onnxruntime and tract.
+    #[arg(long, value_enum, default_value_t = Emit::Joint)]
+    emit: Emit,
     /// Do not run the written graph with tract before writing it.
     #[arg(long)]
     no_check: bool,
@@ -244,6 +275,7 @@ fn run(command: Command, method_options: Vec<(String, OptionValue)>) -> Result<(
             Ok(())
         }
         Command::Merge(args) => merge(args, method_options),
+        Command::Grad(args) => grad(args),
         Command::Check { joint, batch } => {
             if batch == 0 {
                 return Err(Error::usage("--batch must be at least 1"));
@@ -309,7 +341,7 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
         print!("{}", report::plan_text(&merge.plan));
     }
     let check = (!args.no_check).then_some(args.check_batch);
-    let written = kdgraph::write_joint(&merge, &args.output, check)?;
+    let written = kdgraph::write_joint(&merge, &args.output, check, args.emit)?;
     if let Some(dot) = &args.dot {
         kdgraph::write_dot(&merge, dot)?;
     }
@@ -340,6 +372,15 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
         }
     }
     println!("wrote {} and {}", args.output.display(), sidecar.display());
+    if args.emit == Emit::Gradients {
+        for w in &written {
+            println!(
+                "wrote {}: the {} stage's gradients (outputs `<parameter>_grad`, listed in the sidecar)",
+                kdgraph::gradient_path(&w.graph).display(),
+                w.stage.name()
+            );
+        }
+    }
     if let Some(init) = written.iter().find(|w| w.stage == TrainingStage::Init) {
         println!(
             "wrote {} and {}: train it first (the sidecar's stages say how long), then carry its weights into the main stage",
@@ -347,5 +388,30 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
             init.sidecar.display()
         );
     }
+    Ok(())
+}
+
+fn grad(args: GradArgs) -> Result<()> {
+    let objective = match args.loss {
+        Some(loss) => Objective::Output(loss),
+        None => Objective::CrossEntropy,
+    };
+    let written = kdgraph::write_gradients(
+        &args.model,
+        &objective,
+        &args.wrt,
+        &args.output,
+        args.input_shape.as_ref().map(|d| d.0.as_slice()),
+    )?;
+    for note in &written.notes {
+        println!("note: {note}");
+    }
+    println!(
+        "wrote {} ({} gradients, {} running statistics) and {}",
+        written.graph.display(),
+        written.gradients,
+        written.state,
+        written.sidecar.display()
+    );
     Ok(())
 }

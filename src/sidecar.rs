@@ -37,6 +37,36 @@ pub struct Sidecar {
     pub stages: Vec<StageEntry>,
     pub notes: Vec<String>,
     pub warnings: Vec<String>,
+    /// The gradient graph written beside this one (`merge --emit gradients`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradients: Option<GradientFile>,
+}
+
+/// A gradient graph kdgraph wrote: its file and what its added outputs hold.
+#[derive(Debug, Clone, Serialize)]
+pub struct GradientFile {
+    /// The gradient graph's file name, relative to the sidecar's folder.
+    pub model: String,
+    /// The hash of the gradient graph's bytes.
+    pub model_hash: String,
+    /// One gradient output per trainable parameter, in `requires_grad` order.
+    pub gradients: Vec<GradientOutput>,
+    /// The updated running statistics of the student's BatchNorms (role `state`).
+    pub state: Vec<StateOutput>,
+}
+
+/// `output` holds d loss / d `parameter`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GradientOutput {
+    pub parameter: String,
+    pub output: String,
+}
+
+/// `output` holds the next value of `statistic` (a BatchNorm running mean or variance).
+#[derive(Debug, Clone, Serialize)]
+pub struct StateOutput {
+    pub statistic: String,
+    pub output: String,
 }
 
 /// One training stage in a sidecar's `stages`.

@@ -10,9 +10,9 @@ const LAYERS: &[&[&str]] = &[
     &["error", "guard", "suggest"],
     &["onnx"],
     &["analysis"],
-    &["plan"],
+    &["plan", "autodiff"],
     &["methods", "sidecar"],
-    &["joint", "check", "report"],
+    &["joint", "gradient", "check", "report"],
     &["exercise"],
 ];
 

@@ -2,6 +2,7 @@
 //! embedding, logits) and the shapes there. Works on a normalised model (inference-form BN).
 
 pub mod dataflow;
+pub mod parameters;
 pub mod scopes;
 pub mod shapes;
 pub mod support;

@@ -43,16 +43,31 @@ pub fn fixed(dim: &Dim) -> Option<i64> {
     }
 }
 
+/// What tract's inference knows of one tensor: its shape and its ONNX element type, where found.
+#[derive(Debug, Clone, Default)]
+pub struct TensorFacts {
+    pub shape: Option<Shape>,
+    pub elem_type: Option<i32>,
+}
+
 /// Runs tract's shape inference on a (normalised) model and returns the known shapes by tensor name.
 pub fn infer_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Shape>> {
-    crate::guard::catch_panic(|| tract_shapes(model, shown)).unwrap_or_else(|panic| {
+    Ok(infer_facts(model, shown)?
+        .into_iter()
+        .filter_map(|(name, facts)| Some((name, facts.shape?)))
+        .collect())
+}
+
+/// Runs tract's inference on a (normalised) model: shape and element type by tensor name.
+pub fn infer_facts(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, TensorFacts>> {
+    crate::guard::catch_panic(|| tract_facts(model, shown)).unwrap_or_else(|panic| {
         Err(Error::invalid_model(format!(
             "`{shown}`: tract failed while inferring shapes: {panic}; the graph is probably malformed"
         )))
     })
 }
 
-fn tract_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Shape>> {
+fn tract_facts(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, TensorFacts>> {
     let stand_in = crate::onnx::normalize::for_tract(model);
     let model = stand_in.as_ref().unwrap_or(model);
     let onnx = tract_onnx::onnx();
@@ -65,16 +80,36 @@ fn tract_shapes(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, S
     let mut inference = parsed.model;
     // Obstinate: keep every fact that can be found even where one node cannot be analysed.
     let _ = inference.analyse(true);
-    let mut shapes = HashMap::with_capacity(parsed.outlets_by_name.len());
+    let mut facts = HashMap::with_capacity(parsed.outlets_by_name.len());
     for (name, outlet) in &parsed.outlets_by_name {
         let Ok(fact) = inference.outlet_fact(*outlet) else {
             continue;
         };
-        if let Some(dims) = fact.shape.concretize() {
-            shapes.insert(name.clone(), dims.iter().map(to_dim).collect());
-        }
+        let shape = fact
+            .shape
+            .concretize()
+            .map(|dims| dims.iter().map(to_dim).collect());
+        let elem_type = fact.datum_type.concretize().and_then(onnx_elem_type);
+        facts.insert(name.clone(), TensorFacts { shape, elem_type });
     }
-    Ok(shapes)
+    Ok(facts)
+}
+
+fn onnx_elem_type(datum: DatumType) -> Option<i32> {
+    use pb::tensor_proto::DataType as T;
+    let t = match datum {
+        DatumType::F32 => T::Float,
+        DatumType::F64 => T::Double,
+        DatumType::F16 => T::Float16,
+        DatumType::I64 => T::Int64,
+        DatumType::I32 => T::Int32,
+        DatumType::I16 => T::Int16,
+        DatumType::I8 => T::Int8,
+        DatumType::U8 => T::Uint8,
+        DatumType::Bool => T::Bool,
+        _ => return None,
+    };
+    Some(t as i32)
 }
 
 fn to_dim(dim: &TDim) -> Dim {

@@ -36,6 +36,21 @@ impl GraphBuilder {
         self.sub(&centred, &log_sum, name)
     }
 
+    /// Mean cross-entropy of `logits` [N, C] at int64 `labels` [N]: stable log-softmax,
+    /// GatherElements at the labels, mean, negated.
+    pub fn cross_entropy(&mut self, logits: &str, labels: &str, name: &str) -> String {
+        let log_p = self.log_softmax(logits, 1.0, &format!("{name}/log_p"));
+        let labels = self.unsqueeze(labels, &[1], &format!("{name}/labels_column"));
+        let picked = self.op(
+            "GatherElements",
+            &[&log_p, &labels],
+            vec![("axis", Attr::Int(1))],
+            &format!("{name}/label_log_p"),
+        );
+        let mean = self.mean_all(&picked, &format!("{name}/mean_log_p"));
+        self.unary("Neg", &mean, &format!("{name}/term"))
+    }
+
     /// `x / max(||x||_2, 1e-12)` along `axis`.
     pub fn l2_normalize(&mut self, x: &str, axis: i64, name: &str) -> String {
         let norm = self.l2_norm(x, axis, &format!("{name}/norm"));
