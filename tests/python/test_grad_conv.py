@@ -55,6 +55,14 @@ CASES = {
     "depthwise-s2": (1, 4, (9, 9), 4, (3, 3), (2, 2), [1, 1, 1, 1], (1, 1), 4),
     "depthwise-5x5-asym": (2, 3, (10, 9), 3, (5, 5), (2, 1), [2, 1, 1, 2], (1, 1), 3),
     "multiplier-2": (2, 3, (7, 8), 6, (3, 3), (2, 1), [1, 0, 1, 1], (1, 2), 3),
+    # 16 input channels per group or more: the im2col and pointwise weight gradients.
+    "wide-3x3-s2-asym": (2, 16, (7, 6), 8, (3, 3), (2, 2), [1, 0, 1, 1], (1, 1), 1),
+    "wide-3x2-s3-dil": (1, 17, (9, 8), 3, (3, 2), (3, 1), [0, 1, 2, 0], (2, 2), 1),
+    "wide-1x1-s1": (2, 16, (5, 4), 5, (1, 1), (1, 1), [0, 0, 0, 0], (1, 1), 1),
+    "wide-1x1-s2": (2, 16, (7, 6), 5, (1, 1), (2, 2), [0, 0, 0, 0], (1, 1), 1),
+    "wide-1x1-s32": (1, 20, (8, 7), 4, (1, 1), (3, 2), [0, 0, 0, 0], (1, 1), 1),
+    "wide-1x1-padded": (2, 16, (5, 5), 3, (1, 1), (1, 1), [1, 0, 0, 1], (1, 1), 1),
+    "wide-grouped": (2, 32, (6, 5), 4, (3, 3), (2, 1), [1, 1, 0, 1], (1, 1), 2),
 }
 
 
@@ -82,12 +90,12 @@ def test_conv_auto_pad(kdgraph_bin, tmp_path, mode):
 
 
 @pytest.mark.parametrize(
-    "stride,pads,dilation,group",
-    [(1, [1, 1], 1, 1), (2, [2, 0], 1, 1), (3, [0, 1], 2, 1), (1, [1, 1], 1, 4)],
-    ids=["s1", "s2-asym", "s3-dil", "depthwise"],
+    "channels,stride,pads,dilation,group",
+    [(4, 1, [1, 1], 1, 1), (4, 2, [2, 0], 1, 1), (4, 3, [0, 1], 2, 1), (4, 1, [1, 1], 1, 4), (16, 2, [1, 0], 2, 1)],
+    ids=["s1", "s2-asym", "s3-dil", "depthwise", "wide"],
 )
-def test_conv_1d(kdgraph_bin, tmp_path, stride, pads, dilation, group):
-    params = {"x": randn(2, 4, 13), "w": randn(4, 4 // group, 3), "b": randn(4)}
+def test_conv_1d(kdgraph_bin, tmp_path, channels, stride, pads, dilation, group):
+    params = {"x": randn(2, channels, 13), "w": randn(4, channels // group, 3), "b": randn(4)}
     attrs = {"kernel_shape": [3], "strides": [stride], "pads": pads, "dilations": [dilation], "group": group}
     fn = conv_fn(pads, (stride,), (dilation,), group, 1)
     check_rule(kdgraph_bin, tmp_path, "Conv", params, fn, attrs=attrs)
