@@ -6,6 +6,7 @@
 //! the input needs none). It adds its nodes through the context, in standard `ai.onnx` operators.
 
 mod elementwise;
+mod linear;
 mod reduce;
 mod shape;
 
@@ -14,7 +15,12 @@ use crate::error::Result;
 
 pub type Rule = fn(&mut Ctx, &NodeView, &[Option<String>]) -> Result<Vec<Option<String>>>;
 
-const FAMILIES: &[&[(&str, Rule)]] = &[elementwise::RULES, reduce::RULES, shape::RULES];
+const FAMILIES: &[&[(&str, Rule)]] = &[
+    elementwise::RULES,
+    reduce::RULES,
+    shape::RULES,
+    linear::RULES,
+];
 
 /// Operators whose outputs carry no gradient: shapes, comparisons, indices, rounding, random draws.
 const STOPS: &[&str] = &[
