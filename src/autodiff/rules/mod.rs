@@ -7,13 +7,14 @@
 
 mod elementwise;
 mod reduce;
+mod softmax;
 
 use super::context::{Ctx, NodeView};
 use crate::error::Result;
 
 pub type Rule = fn(&mut Ctx, &NodeView, &[Option<String>]) -> Result<Vec<Option<String>>>;
 
-const FAMILIES: &[&[(&str, Rule)]] = &[elementwise::RULES, reduce::RULES];
+const FAMILIES: &[&[(&str, Rule)]] = &[elementwise::RULES, reduce::RULES, softmax::RULES];
 
 /// Operators whose outputs carry no gradient: shapes, comparisons, indices, rounding, random draws.
 const STOPS: &[&str] = &[
