@@ -192,6 +192,13 @@ def test_clip_trainable_bounds(kdgraph_bin, tmp_path, bounds):
     check_rule(kdgraph_bin, tmp_path, "Clip", params, clamp)
 
 
+def test_clip_only_bounds_trainable(kdgraph_bin, tmp_path):
+    x = clip_input()
+    params = {"min": np.array(-0.5, np.float32), "max": np.array(0.75, np.float32)}
+    fn = lambda low, high: clamp(torch.tensor(x, dtype=torch.float64), low, high)
+    check_rule(kdgraph_bin, tmp_path, "Clip", params, fn, constants={"x": x}, input_order=["x", "min", "max"])
+
+
 def ties(shape, values=3):
     """Small integers: many exact ties."""
     return rng.integers(-1, values - 1, size=shape).astype(np.float32)

@@ -32,8 +32,8 @@ pub const RULES: &[(&str, Rule)] = &[
     ("Softplus", softplus),
     ("Gelu", gelu),
     ("Clip", clip),
-    ("Max", max),
-    ("Min", min),
+    ("Max", extremum),
+    ("Min", extremum),
     ("Where", where_),
     ("Cast", cast),
     ("Dropout", dropout),
@@ -410,8 +410,8 @@ fn clip_bounds(ctx: &mut Ctx, n: &NodeView) -> (Option<String>, Option<String>) 
     (attribute("min"), attribute("max"))
 }
 
-/// d clip(x, min, max), as torch.clamp: dy where min <= x <= max for x; for min, dy where
-/// x < min < max; for max, dy where x > max or max < min.
+/// d clip(x, min, max), as torch.clamp before 2.15: dy where min <= x <= max for x; for min, dy
+/// where x < min < max; for max, dy where x > max or max < min.
 fn clip(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
     let dy = first_adjoint(dy)?;
     let x = n.input(0);
@@ -423,10 +423,13 @@ fn clip(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
     let above = max
         .as_deref()
         .map(|m| ctx.b.binary("Greater", x, m, &n.name("above")));
-    let mut dx = dy.to_string();
-    for outside in below.iter().chain(&above) {
-        dx = ctx.op("Where", &[outside, &zero, &dx], vec![], &n.name("d0"));
-    }
+    let dx = n.needs(0).then(|| {
+        let mut dx = dy.to_string();
+        for outside in below.iter().chain(&above) {
+            dx = ctx.op("Where", &[outside, &zero, &dx], vec![], &n.name("d0"));
+        }
+        dx
+    });
     let (lo, hi) = (min.as_deref(), max.as_deref());
     let dmin = match (&below, n.needs(1)) {
         (Some(below), true) => {
@@ -443,7 +446,7 @@ fn clip(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
         _ => None,
     };
     let mut out = unbroadcast_each(ctx, n, vec![None, dmin, dmax])?;
-    out[0] = Some(dx);
+    out[0] = dx;
     Ok(out)
 }
 
@@ -464,17 +467,8 @@ fn join_order(
     }
 }
 
-/// d max(x_1, ..., x_k): dy to the inputs equal to y, shared equally among ties.
-fn max(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
-    extremum(ctx, n, dy)
-}
-
-/// d min(x_1, ..., x_k): dy to the inputs equal to y, shared equally among ties.
-fn min(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
-    extremum(ctx, n, dy)
-}
-
-/// The adjoints of Max and Min: dy * [x_i = y] / #{j : x_j = y}, summed over broadcast axes.
+/// d max / d min of x_1, ..., x_k: dy * [x_i = y] / #{j : x_j = y} (ties share equally, as
+/// torch.maximum and torch.amax), summed over broadcast axes.
 fn extremum(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
     let dy = first_adjoint(dy)?;
     let inputs = n.node.input.len();
