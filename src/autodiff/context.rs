@@ -142,6 +142,16 @@ impl<'a> Ctx<'a> {
         self.facts.get(tensor).and_then(|f| f.elem_type)
     }
 
+    /// A float mask (`[x = y]`, ...) in the element type of the float tensor `like`: a Cast of
+    /// the bool `mask` (to float32 where the type of `like` is unknown).
+    pub fn float_mask(&mut self, mask: &str, like: &str, name: &str) -> String {
+        let to = self
+            .elem_type(like)
+            .unwrap_or(pb::tensor_proto::DataType::Float as i32);
+        self.b
+            .op("Cast", &[mask], vec![("to", Attr::Int(to as i64))], name)
+    }
+
     /// The values of an int64 constant (initializer or Constant node), if `tensor` is one.
     pub fn const_ints(&self, tensor: &str) -> Option<Vec<i64>> {
         let t = self.constants.get(tensor)?;

@@ -483,12 +483,7 @@ fn extremum(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
                 n.output(0),
                 &n.name(&format!("hit{i}")),
             );
-            ctx.op(
-                "Cast",
-                &[&equal],
-                vec![("to", Attr::Int(float_type(ctx, n.output(0))))],
-                &n.name(&format!("hit{i}_f")),
-            )
+            ctx.float_mask(&equal, n.output(0), &n.name(&format!("hit{i}_f")))
         })
         .collect();
     let refs: Vec<&str> = hits.iter().map(String::as_str).collect();
@@ -503,12 +498,6 @@ fn extremum(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
         })
         .collect();
     unbroadcast_each(ctx, n, grads)
-}
-
-/// The ONNX element type of a float tensor (float32 where unknown).
-fn float_type(ctx: &Ctx, tensor: &str) -> i64 {
-    ctx.elem_type(tensor)
-        .unwrap_or(crate::onnx::pb::tensor_proto::DataType::Float as i32) as i64
 }
 
 /// d where(c, a, b): dy where c for a, dy where not c for b; none for c.

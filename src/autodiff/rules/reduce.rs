@@ -5,7 +5,6 @@ use crate::analysis::shapes::fixed;
 use crate::autodiff::context::{first_adjoint, Ctx, NodeView};
 use crate::error::{Error, Result};
 use crate::onnx::builder::Attr;
-use crate::onnx::pb;
 
 pub const RULES: &[(&str, Rule)] = &[
     ("ReduceSum", |c, n, dy| reduction(c, n, dy, d_sum)),
@@ -152,15 +151,7 @@ fn d_l2(ctx: &mut Ctx, n: &NodeView, dy: &str, axes: &[i64]) -> Result<String> {
 fn d_extremum(ctx: &mut Ctx, n: &NodeView, dy: &str, axes: &[i64]) -> Result<String> {
     let y = kept(ctx, n, n.output(0), axes, "kept_y");
     let hit = ctx.b.binary("Equal", n.input(0), &y, &n.name("hit"));
-    let to = ctx
-        .elem_type(n.output(0))
-        .unwrap_or(pb::tensor_proto::DataType::Float as i32);
-    let hit = ctx.op(
-        "Cast",
-        &[&hit],
-        vec![("to", Attr::Int(to as i64))],
-        &n.name("hit_f"),
-    );
+    let hit = ctx.float_mask(&hit, n.output(0), &n.name("hit_f"));
     let ties = ctx.b.reduce_sum(&hit, axes, &n.name("ties"));
     let dy = kept(ctx, n, dy, axes, "kept");
     let share = ctx.b.div(&dy, &ties, &n.name("share"));
