@@ -124,7 +124,7 @@ fn divisor(w: &Window, o: i64, include_pad: bool) -> i64 {
         rest /= w.output[d];
         let start = at * w.strides[d] - w.pads_begin[d];
         let end = (start + w.kernel[d]).min(w.input[d] + w.pads_end[d]);
-        count *= end - start;
+        count *= (end - start).max(1);
     }
     count
 }
