@@ -449,7 +449,13 @@ fn channels_last_rows(ctx: &mut Ctx, t: &str, channels: i64, positions: i64, nam
 }
 
 /// [N, C, positions...] as [N, positions, C].
-fn channels_last(ctx: &mut Ctx, t: &str, channels: i64, positions: i64, name: &str) -> String {
+pub(super) fn channels_last(
+    ctx: &mut Ctx,
+    t: &str,
+    channels: i64,
+    positions: i64,
+    name: &str,
+) -> String {
     let flat = ctx
         .b
         .reshape(t, &[0, channels, positions], &format!("{name}/flat"));
