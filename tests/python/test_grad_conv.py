@@ -79,7 +79,7 @@ def test_conv_2d(kdgraph_bin, tmp_path, case):
 
 @pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
 def test_conv_auto_pad(kdgraph_bin, tmp_path, mode):
-    size, kernel, stride, dilation = (8, 7), (4, 3), (2, 3), (1, 1)
+    size, kernel, stride, dilation = (9, 8), (4, 3), (2, 3), (1, 1)  # odd total pads on axis 0
     params = {"x": randn(2, 3, *size), "w": randn(4, 3, *kernel)}
     if mode == "VALID":
         pads = [0, 0, 0, 0]

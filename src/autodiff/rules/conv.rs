@@ -253,6 +253,11 @@ fn conv(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
         return Ok(vec![None; n.node.input.len()]);
     };
     let weight = ctx.fixed_dims(n.input(1))?;
+    if weight.len() < 3 {
+        return Err(Error::unsupported(
+            "its weight has no spatial axes; kdgraph differentiates 1-D and wider convolutions",
+        ));
+    }
     let window = Window::read(ctx, n, weight[2..].to_vec())?;
     let groups = n.attr_int("group", 1);
     let ch = Channels {
@@ -444,7 +449,13 @@ fn channels_last_rows(ctx: &mut Ctx, t: &str, channels: i64, positions: i64, nam
 }
 
 /// [N, C, positions...] as [N, positions, C].
-fn channels_last(ctx: &mut Ctx, t: &str, channels: i64, positions: i64, name: &str) -> String {
+pub(super) fn channels_last(
+    ctx: &mut Ctx,
+    t: &str,
+    channels: i64,
+    positions: i64,
+    name: &str,
+) -> String {
     let flat = ctx
         .b
         .reshape(t, &[0, channels, positions], &format!("{name}/flat"));
