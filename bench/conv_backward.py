@@ -107,7 +107,9 @@ def weight_grad_form(grad: onnx.ModelProto) -> str:
         return "batch-transposed Conv"
     if "Gather" in ops:
         return "im2col Gather + " + ("Gemm" if "Gemm" in ops else "MatMul")
-    return "Gemm (1x1)"
+    if "MatMul" in ops:
+        return "1x1: MatMul per sample + ReduceSum"
+    return "1x1: one Gemm"
 
 
 def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
