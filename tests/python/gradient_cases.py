@@ -48,7 +48,11 @@ class ModelCase:
 
     model: str
     mode: str
-    size: int = 32
+    # 64x64 leaves every model a final map of 2x2: BatchNorm's batch statistics then average 16
+    # values per channel. At 32x32, batch 4, the last stage's BatchNorms see 4 values, and float32
+    # itself misses the tolerance: torch in float32 vs float64 on resnet18, 7e-5 relative (64x64:
+    # 2e-6; efficientnet_b0, the worst measured at 64x64: 2e-5).
+    size: int = 64
     batch: int = 4
 
     @property
