@@ -4,6 +4,7 @@
 //! [`plan`](plan::plan) the pairs for the chosen methods, and render the plan with [`report`].
 
 mod analysis;
+mod arrays;
 mod autodiff;
 mod check;
 pub mod error;
@@ -323,6 +324,46 @@ pub fn write_gradients(
         state: grad.sidecar.state.len(),
         notes: grad.sidecar.notes,
     })
+}
+
+/// Runs any graph with tract on the arrays of `inputs` (.npz, one per graph input, by name) and
+/// writes every graph output to `output` (.npz, by name). Returns the output names.
+pub fn run_model(model: &Path, inputs: &Path, output: &Path) -> Result<Vec<String>> {
+    onnx::io::ensure_not_an_input(output, &[model, inputs])?;
+    check_output_folder(output)?;
+    let loaded = load_model(model)?;
+    let shown = loaded.display();
+    let mut given = arrays::read_npz(inputs)?;
+    let fed = check::fed_inputs(&loaded.proto, &shown)?;
+    let mut values = Vec::with_capacity(fed.len());
+    for input in &fed {
+        let position = given
+            .iter()
+            .position(|(name, _)| *name == input.name)
+            .ok_or_else(|| {
+                Error::usage(format!(
+                "`{}` has no array `{}`, an input of `{shown}`; save every input under its name",
+                inputs.display(),
+                input.name
+            ))
+            })?;
+        let (name, value) = given.swap_remove(position);
+        check::check_fed_value(input, &value, &shown)
+            .map_err(|why| Error::usage(format!("`{}`: array `{name}` {why}", inputs.display())))?;
+        values.push(value);
+    }
+    if let Some((extra, _)) = given.first() {
+        return Err(Error::usage(format!(
+            "`{}` has an array `{extra}` that `{shown}` has no input for; remove it or check the names",
+            inputs.display()
+        )));
+    }
+    let outputs = check::run_graph(&loaded.proto, values, &shown)?;
+    let bytes = arrays::write_npz(output, &outputs)?;
+    let mut write = onnx::io::AtomicWrite::new();
+    write.stage(output, &bytes)?;
+    write.commit()?;
+    Ok(outputs.into_iter().map(|(name, _)| name).collect())
 }
 
 /// Loads a joint graph written by `kdgraph merge`, with its sidecar, and runs it with tract at

@@ -40,6 +40,17 @@ enum Command {
     /// Differentiate a model: write a graph that also outputs the gradient of a loss with
     /// respect to every weight (standard ONNX operators; runs on stock onnxruntime and tract).
     Grad(GradArgs),
+    /// Run any graph with tract on arrays from an .npz file and write every output to an .npz file.
+    Run {
+        /// The ONNX graph to run.
+        model: PathBuf,
+        /// An .npz with one array per graph input, saved under the input's name.
+        #[arg(long, value_name = "NPZ")]
+        inputs: PathBuf,
+        /// The .npz to write, one array per graph output.
+        #[arg(short = 'o', long, value_name = "NPZ")]
+        output: PathBuf,
+    },
     /// Run a joint graph with tract on seeded inputs and print every loss term.
     Check {
         /// The joint graph written by `kdgraph merge`.
@@ -276,6 +287,15 @@ fn run(command: Command, method_options: Vec<(String, OptionValue)>) -> Result<(
         }
         Command::Merge(args) => merge(args, method_options),
         Command::Grad(args) => grad(args),
+        Command::Run {
+            model,
+            inputs,
+            output,
+        } => {
+            let names = kdgraph::run_model(&model, &inputs, &output)?;
+            println!("wrote {} ({} outputs)", output.display(), names.len());
+            Ok(())
+        }
         Command::Check { joint, batch } => {
             if batch == 0 {
                 return Err(Error::usage("--batch must be at least 1"));

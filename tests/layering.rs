@@ -8,7 +8,7 @@ use std::path::Path;
 /// The layers, lowest first. A module may use the modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
     &["error", "guard", "suggest"],
-    &["onnx"],
+    &["onnx", "arrays"],
     &["analysis"],
     &["plan", "autodiff"],
     &["methods", "sidecar"],

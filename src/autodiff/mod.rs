@@ -47,10 +47,10 @@ pub fn differentiate(
         .ok_or_else(|| Error::invalid_model(format!("`{shown}` holds no graph")))?;
     edit::topological_sort(graph)?;
     check_parameters(graph, loss, parameters, shown)?;
-    let state = batchnorm::training_mode(graph, parameters, opset);
+    let training = batchnorm::training_mode(graph, parameters, opset);
     let facts = infer_facts(&model, shown)?;
     let graph = model.graph.as_mut().expect("checked above");
-    let plan = Walk::new(graph, loss, parameters, &facts, shown)?;
+    let plan = Walk::new(graph, loss, parameters, &facts, &training.batchnorms, shown)?;
     let mut ctx = Ctx::new(graph, &facts, opset);
     let adjoints = plan.run(graph, &mut ctx, loss, shown)?;
     let gradients = gradient_outputs(&mut ctx, graph, parameters, adjoints);
@@ -60,7 +60,7 @@ pub fn differentiate(
             .output
             .push(float_output(grad, param_dims(graph, param)));
     }
-    for (statistic, next) in &state {
+    for (statistic, next) in &training.state {
         graph
             .output
             .push(float_output(next, param_dims(graph, statistic)));
@@ -68,7 +68,7 @@ pub fn differentiate(
     Ok(Gradients {
         model,
         gradients,
-        state,
+        state: training.state,
     })
 }
 
@@ -104,21 +104,31 @@ fn check_parameters(
 }
 
 /// Which nodes the backward pass visits: those with an active input whose outputs the loss reads.
-struct Walk {
+struct Walk<'a> {
     /// Tensors that depend on a parameter through differentiable operations.
     active: HashSet<String>,
     /// Indices of the nodes to visit, in forward order.
     visit: Vec<usize>,
+    /// BatchNorms in training mode by their output: one closed-form rule for the whole
+    /// decomposition, whose other nodes are not visited.
+    batchnorms: HashMap<&'a str, &'a batchnorm::TrainingBatchNorm>,
 }
 
-impl Walk {
+impl<'a> Walk<'a> {
     fn new(
         graph: &pb::GraphProto,
         loss: &str,
         parameters: &[String],
         facts: &HashMap<String, crate::analysis::shapes::TensorFacts>,
+        training: &'a [batchnorm::TrainingBatchNorm],
         shown: &str,
-    ) -> Result<Walk> {
+    ) -> Result<Walk<'a>> {
+        let batchnorms: HashMap<&str, &batchnorm::TrainingBatchNorm> =
+            training.iter().map(|bn| (bn.y.as_str(), bn)).collect();
+        let members: HashSet<&str> = training
+            .iter()
+            .flat_map(|bn| bn.members.iter().map(String::as_str))
+            .collect();
         let mut active: HashSet<String> = parameters.iter().cloned().collect();
         for node in &graph.node {
             if rules::stops_gradient(&node.op_type)
@@ -147,6 +157,14 @@ impl Walk {
             if !reaches_loss {
                 continue;
             }
+            let output = node.output.first().map(String::as_str).unwrap_or("");
+            if batchnorms.contains_key(output) {
+                visit.push(index);
+                continue;
+            }
+            if node.output.iter().any(|o| members.contains(o.as_str())) {
+                continue;
+            }
             if rules::rule(&node.op_type).is_none() {
                 missing.push(node);
             }
@@ -172,7 +190,11 @@ impl Walk {
                 first.op_type
             )));
         }
-        Ok(Walk { active, visit })
+        Ok(Walk {
+            active,
+            visit,
+            batchnorms,
+        })
     }
 
     /// Visits the nodes in reverse order; returns the adjoint of every parameter reached.
@@ -194,6 +216,20 @@ impl Walk {
                 .map(|o| pending.remove(o).map(|parts| ctx.sum(parts, o)))
                 .collect();
             if output_adjoints.iter().all(Option::is_none) {
+                continue;
+            }
+            if let Some(bn) = self.batchnorms.get(node.output[0].as_str()) {
+                let dy = output_adjoints[0]
+                    .as_deref()
+                    .expect("a BatchNorm's only output");
+                let inputs = [&bn.x, &bn.scale, &bn.bias];
+                let needs = inputs.map(|i| self.active.contains(i.as_str()));
+                let adjoints = batchnorm::backward(&mut ctx.b, bn, dy, needs);
+                for (input, adjoint) in inputs.into_iter().zip(adjoints) {
+                    if let Some(adjoint) = adjoint {
+                        pending.entry(input.clone()).or_default().push(adjoint);
+                    }
+                }
                 continue;
             }
             let needs: Vec<bool> = node

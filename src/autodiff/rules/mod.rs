@@ -5,7 +5,9 @@
 //! (None where the loss does not read an output) and returns one adjoint per input (None where
 //! the input needs none). It adds its nodes through the context, in standard `ai.onnx` operators.
 
+mod conv;
 mod elementwise;
+mod pool;
 mod reduce;
 
 use super::context::{Ctx, NodeView};
@@ -13,7 +15,7 @@ use crate::error::Result;
 
 pub type Rule = fn(&mut Ctx, &NodeView, &[Option<String>]) -> Result<Vec<Option<String>>>;
 
-const FAMILIES: &[&[(&str, Rule)]] = &[elementwise::RULES, reduce::RULES];
+const FAMILIES: &[&[(&str, Rule)]] = &[elementwise::RULES, reduce::RULES, conv::RULES, pool::RULES];
 
 /// Operators whose outputs carry no gradient: shapes, comparisons, indices, rounding, random draws.
 const STOPS: &[&str] = &[
