@@ -114,6 +114,7 @@ pub fn assemble(
         notes: plan.notes.clone(),
         warnings,
         gradients: None,
+        step: None,
     };
     Ok(Joint { model, sidecar })
 }
@@ -170,8 +171,8 @@ fn builder_for(
     opset: i64,
     s_shown: &str,
 ) -> Result<GraphBuilder> {
-    let taken = names_of(s_graph)
-        .chain(names_of(t_graph))
+    let taken = proto::names_in(s_graph)
+        .chain(proto::names_in(t_graph))
         .collect::<Vec<_>>();
     if let Some(clash) = taken
         .iter()
@@ -400,20 +401,6 @@ fn model_proto(
         ],
         ..Default::default()
     }
-}
-
-fn names_of(graph: &pb::GraphProto) -> impl Iterator<Item = String> + '_ {
-    graph
-        .node
-        .iter()
-        .flat_map(|n| {
-            n.output
-                .iter()
-                .cloned()
-                .chain(std::iter::once(n.name.clone()))
-        })
-        .chain(graph.initializer.iter().map(|t| t.name.clone()))
-        .chain(graph.input.iter().map(|i| i.name.clone()))
 }
 
 fn value_info(role: &Role) -> pb::ValueInfoProto {

@@ -18,6 +18,7 @@ mod onnx;
 mod plan;
 pub mod report;
 mod sidecar;
+mod step;
 mod suggest;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ pub use plan::{
     MethodName, OptionKind, OptionSpec, OptionValue, Pairing, Plan, PlanOptions, TrainingStage,
 };
 pub use sidecar::sidecar_path;
+pub use step::Optimizer;
 
 /// Loads a model and normalises it.
 pub fn load(path: &Path, input_shape: Option<&[i64]>) -> Result<PreparedModel> {
@@ -164,7 +166,7 @@ pub fn write_joint(
     merge: &Merge,
     output: &Path,
     check_batch: Option<usize>,
-    emit: Emit,
+    emit: &Emit,
 ) -> Result<Vec<WrittenStage>> {
     let stages = stage_paths(merge, output)?;
     let file_name = |path: &Path| {
@@ -194,7 +196,7 @@ pub fn write_joint(
             )?),
             None => None,
         };
-        let gradient_graph = match emit {
+        let derived = match emit {
             Emit::Joint => None,
             Emit::Gradients => {
                 let grad_path = gradient_path(&path);
@@ -209,12 +211,42 @@ pub fn write_joint(
                 joint.sidecar.gradients = Some(file);
                 Some(encoded)
             }
+            Emit::Step(optimizer) => {
+                let step_path = step_path(&path);
+                let shown = step_path.display().to_string();
+                let (model, file) =
+                    gradient::joint_gradients(&joint.model, &joint.sidecar.requires_grad, &shown)?;
+                let gradients: Vec<(String, String)> = file
+                    .gradients
+                    .iter()
+                    .map(|g| (g.parameter.clone(), g.output.clone()))
+                    .collect();
+                let statistics: Vec<(String, String)> = file
+                    .state
+                    .iter()
+                    .map(|s| (s.statistic.clone(), s.output.clone()))
+                    .collect();
+                let step = step::append_step(&model, &gradients, &statistics, optimizer)?;
+                let encoded = onnx::io::encode_model(step.model, &step_path)?;
+                let mut schedule_inputs = vec![step::LR.to_string()];
+                if optimizer.needs_step() {
+                    schedule_inputs.push(step::STEP.to_string());
+                }
+                joint.sidecar.step = Some(sidecar::StepFile {
+                    model: file_name(&step_path),
+                    model_hash: onnx::io::content_hash(&encoded[0].1),
+                    optimizer: optimizer.clone(),
+                    schedule_inputs,
+                    carried: step.carried,
+                });
+                Some(encoded)
+            }
         };
         let encoded = onnx::io::encode_model(joint.model, &path)?;
         // The sidecar records its graph's hash: a graph and a sidecar of two merges do not match.
         joint.sidecar.model_hash = onnx::io::content_hash(&encoded[0].1);
         models.extend(encoded);
-        models.extend(gradient_graph.into_iter().flatten());
+        models.extend(derived.into_iter().flatten());
         let sidecar =
             serde_json::to_string_pretty(&joint.sidecar).expect("a sidecar always serialises");
         sidecars.push((sidecar_path(&path), sidecar.into_bytes()));
@@ -241,13 +273,20 @@ pub fn write_joint(
 }
 
 /// What `merge` writes besides the joint graph and its sidecar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum Emit {
     /// The joint graph only (for ONNX Runtime Training).
     #[default]
     Joint,
     /// Also `<output>.grad.onnx`: the joint graph differentiated by kdgraph.
     Gradients,
+    /// Also `<output>.step.onnx`: forward, backward and this optimizer's update in one graph.
+    Step(Optimizer),
+}
+
+/// `joint.onnx` -> `joint.step.onnx`, `joint.init.onnx` -> `joint.init.step.onnx`.
+pub fn step_path(graph: &Path) -> PathBuf {
+    graph.with_extension("step.onnx")
 }
 
 /// `joint.onnx` -> `joint.grad.onnx`, `joint.init.onnx` -> `joint.init.grad.onnx`.

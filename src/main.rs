@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use kdgraph::{
-    report, Emit, Error, Objective, OptionKind, OptionValue, Pairing, PlanOptions, Result, Term,
-    TrainingStage,
+    report, Emit, Error, Objective, Optimizer, OptionKind, OptionValue, Pairing, PlanOptions,
+    Result, Term, TrainingStage,
 };
 
 #[derive(Parser)]
@@ -100,10 +100,29 @@ struct MergeArgs {
     /// Show the plan (which tensors are paired, pools, connectors, weights); write no graph.
     #[arg(long)]
     dry_run: bool,
-    /// What to write: the joint graph (for ONNX Runtime Training), or also its gradient graph
-    /// `<output>.grad.onnx`, differentiated by kdgraph for stock onnxruntime and tract.
-    #[arg(long, value_enum, default_value_t = Emit::Joint)]
-    emit: Emit,
+    /// What to write besides the joint graph (which ONNX Runtime Training trains): its gradient
+    /// graph `<output>.grad.onnx`, or its training step `<output>.step.onnx` (forward, backward
+    /// and the optimizer's update), both differentiated by kdgraph for stock onnxruntime and tract.
+    #[arg(long, value_enum, default_value_t = EmitChoice::Joint)]
+    emit: EmitChoice,
+    /// The optimizer of the step graph (--emit step), as torch.optim computes it.
+    #[arg(long, value_enum, default_value_t = OptimizerChoice::Adamw, help_heading = "Step graph")]
+    optimizer: OptimizerChoice,
+    /// Weight decay [default: 0.01 for adamw (decoupled), 5e-4 for sgd (L2, as RepDistiller)].
+    #[arg(long, help_heading = "Step graph")]
+    weight_decay: Option<f32>,
+    /// SGD momentum (dampening 0).
+    #[arg(long, default_value_t = 0.9, help_heading = "Step graph")]
+    momentum: f32,
+    /// SGD with Nesterov momentum.
+    #[arg(long, help_heading = "Step graph")]
+    nesterov: bool,
+    /// AdamW's beta1,beta2.
+    #[arg(long, value_name = "B1,B2", default_value = "0.9,0.999", value_parser = parse_betas, help_heading = "Step graph")]
+    betas: (f32, f32),
+    /// AdamW's epsilon.
+    #[arg(long, default_value_t = 1e-8, help_heading = "Step graph")]
+    eps: f32,
     /// Do not run the written graph with tract before writing it.
     #[arg(long)]
     no_check: bool,
@@ -147,6 +166,69 @@ struct MergeArgs {
         help_heading = "Loss weights"
     )]
     temperature: f64,
+}
+
+/// `--emit`: what `merge` writes besides the joint graph.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EmitChoice {
+    Joint,
+    Gradients,
+    Step,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OptimizerChoice {
+    Adamw,
+    Sgd,
+}
+
+fn parse_betas(s: &str) -> std::result::Result<(f32, f32), String> {
+    let values: Vec<f32> = s
+        .split(',')
+        .map(|v| v.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| format!("`{s}`: expected two numbers such as 0.9,0.999"))?;
+    match values[..] {
+        [b1, b2] if (0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2) => Ok((b1, b2)),
+        _ => Err(format!(
+            "`{s}`: expected two numbers in [0, 1) such as 0.9,0.999"
+        )),
+    }
+}
+
+impl MergeArgs {
+    /// What `--emit` and the step-graph options ask for.
+    fn emit(&self) -> Result<Emit> {
+        let weight_decay = self.weight_decay.unwrap_or(match self.optimizer {
+            OptimizerChoice::Adamw => 0.01,
+            OptimizerChoice::Sgd => 5e-4,
+        });
+        if !(weight_decay >= 0.0 && weight_decay.is_finite())
+            || !(self.eps > 0.0)
+            || !(0.0..1.0).contains(&self.momentum)
+        {
+            return Err(Error::usage(
+                "--weight-decay must be >= 0, --eps > 0 and --momentum in [0, 1)",
+            ));
+        }
+        Ok(match self.emit {
+            EmitChoice::Joint => Emit::Joint,
+            EmitChoice::Gradients => Emit::Gradients,
+            EmitChoice::Step => Emit::Step(match self.optimizer {
+                OptimizerChoice::Adamw => Optimizer::AdamW {
+                    beta1: self.betas.0,
+                    beta2: self.betas.1,
+                    eps: self.eps,
+                    weight_decay,
+                },
+                OptimizerChoice::Sgd => Optimizer::Sgd {
+                    momentum: self.momentum,
+                    nesterov: self.nesterov,
+                    weight_decay,
+                },
+            }),
+        })
+    }
 }
 
 fn parse_tap(s: &str) -> std::result::Result<(String, String), String> {
@@ -319,6 +401,7 @@ fn show_terms(model: &str, batch: usize, terms: &[Term]) -> String {
 }
 
 fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<()> {
+    let emit = args.emit()?;
     let options = PlanOptions {
         pairing: args.pairing,
         methods: args.methods,
@@ -361,7 +444,7 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
         print!("{}", report::plan_text(&merge.plan));
     }
     let check = (!args.no_check).then_some(args.check_batch);
-    let written = kdgraph::write_joint(&merge, &args.output, check, args.emit)?;
+    let written = kdgraph::write_joint(&merge, &args.output, check, &emit)?;
     if let Some(dot) = &args.dot {
         kdgraph::write_dot(&merge, dot)?;
     }
@@ -392,13 +475,19 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
         }
     }
     println!("wrote {} and {}", args.output.display(), sidecar.display());
-    if args.emit == Emit::Gradients {
-        for w in &written {
-            println!(
+    for w in &written {
+        match emit {
+            Emit::Joint => {}
+            Emit::Gradients => println!(
                 "wrote {}: the {} stage's gradients (outputs `<parameter>_grad`, listed in the sidecar)",
                 kdgraph::gradient_path(&w.graph).display(),
                 w.stage.name()
-            );
+            ),
+            Emit::Step(_) => println!(
+                "wrote {}: the {} stage's training step (inputs and outputs listed in the sidecar's `step`)",
+                kdgraph::step_path(&w.graph).display(),
+                w.stage.name()
+            ),
         }
     }
     if let Some(init) = written.iter().find(|w| w.stage == TrainingStage::Init) {

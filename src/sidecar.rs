@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::onnx::io::LoadedModel;
 use crate::plan::{Hyper, MethodName, Role, TapPair, TrainingStage};
+use crate::step::{Carried, Optimizer};
 
 /// The joint graph's labels input.
 pub const LABELS: &str = "labels";
@@ -40,6 +41,23 @@ pub struct Sidecar {
     /// The gradient graph written beside this one (`merge --emit gradients`), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gradients: Option<GradientFile>,
+    /// The step graph written beside this one (`merge --emit step`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepFile>,
+}
+
+/// A step graph kdgraph wrote: forward, backward and the optimizer's update in one graph.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepFile {
+    /// The step graph's file name, relative to the sidecar's folder.
+    pub model: String,
+    pub model_hash: String,
+    pub optimizer: Optimizer,
+    /// Scalar inputs fed every step: `lr` (float32) and, for AdamW, `step` (int64, 1 at the first step).
+    pub schedule_inputs: Vec<String>,
+    /// Values fed as `input` and returned as `output` (role `state`): parameters (initial values
+    /// in this sidecar's graph, same names), optimizer moments (zeros), BatchNorm statistics.
+    pub carried: Vec<Carried>,
 }
 
 /// A gradient graph kdgraph wrote: its file and what its added outputs hold.

@@ -10,7 +10,7 @@ const LAYERS: &[&[&str]] = &[
     &["error", "guard", "suggest"],
     &["onnx", "arrays"],
     &["analysis"],
-    &["plan", "autodiff"],
+    &["plan", "autodiff", "step"],
     &["methods", "sidecar"],
     &["joint", "gradient", "check", "report"],
     &["exercise"],

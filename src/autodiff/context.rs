@@ -223,6 +223,28 @@ impl<'a> Ctx<'a> {
         self.b.op(op_type, inputs, attrs, name)
     }
 
+    /// A node like [`Ctx::op`] that also carries string attributes (a scatter's `reduction`).
+    pub fn op_with_strings(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+        strings: &[(&str, &str)],
+        name: &str,
+    ) -> String {
+        let output = self.b.op(op_type, inputs, attrs, name);
+        let node = self.b.nodes.last_mut().expect("a node was just added");
+        for (key, value) in strings {
+            node.attribute.push(pb::AttributeProto {
+                name: key.to_string(),
+                s: value.as_bytes().to_vec(),
+                r#type: pb::attribute_proto::AttributeType::String as i32,
+                ..Default::default()
+            });
+        }
+        output
+    }
+
     /// Moves the added nodes and constants into `graph`, after its forward nodes.
     pub fn finish(&mut self, graph: &mut pb::GraphProto) {
         graph.node.append(&mut self.b.nodes);

@@ -334,25 +334,9 @@ fn float_output(name: &str, dims: Vec<i64>) -> pb::ValueInfoProto {
     }
 }
 
-/// The names already used in a graph (tensors, nodes), so that added ones stay unique.
-fn taken_names(graph: &pb::GraphProto) -> impl Iterator<Item = String> + '_ {
-    graph
-        .node
-        .iter()
-        .flat_map(|n| {
-            n.output
-                .iter()
-                .cloned()
-                .chain(std::iter::once(n.name.clone()))
-        })
-        .chain(graph.initializer.iter().map(|t| t.name.clone()))
-        .chain(graph.input.iter().map(|i| i.name.clone()))
-        .chain(graph.output.iter().map(|o| o.name.clone()))
-}
-
 /// A fresh builder for nodes added to `graph`.
 fn builder_for(graph: &pb::GraphProto, opset: i64) -> GraphBuilder {
-    GraphBuilder::new(opset, taken_names(graph))
+    GraphBuilder::new(opset, proto::names_in(graph))
 }
 
 /// The dims of a shape when every one is fixed.

@@ -10,13 +10,7 @@ use super::{pb, proto};
 /// Rewrites every node of `graph` that has an equivalent ORT Training can differentiate, in
 /// place and in order. Returns one line per kind of rewrite made, for the report.
 pub fn rewrite_for_ort_training(graph: &mut pb::GraphProto, opset: i64) -> Vec<String> {
-    let taken = graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().cloned().chain([n.name.clone()]))
-        .chain(graph.initializer.iter().map(|t| t.name.clone()))
-        .chain(graph.input.iter().map(|i| i.name.clone()));
-    let mut b = GraphBuilder::new(opset, taken);
+    let mut b = GraphBuilder::new(opset, proto::names_in(graph));
     let types = ElemTypes::of(graph);
     let mut counts: Vec<(&'static str, usize)> = Vec::new();
     let mut nodes = Vec::with_capacity(graph.node.len());

@@ -51,6 +51,23 @@ pub fn value_elem_type(info: &pb::ValueInfoProto) -> Option<i32> {
     }
 }
 
+/// Every name a graph already uses (node outputs and names, initializers, inputs, outputs), so
+/// that names added to it stay unique.
+pub fn names_in(graph: &pb::GraphProto) -> impl Iterator<Item = String> + '_ {
+    graph
+        .node
+        .iter()
+        .flat_map(|n| {
+            n.output
+                .iter()
+                .cloned()
+                .chain(std::iter::once(n.name.clone()))
+        })
+        .chain(graph.initializer.iter().map(|t| t.name.clone()))
+        .chain(graph.input.iter().map(|i| i.name.clone()))
+        .chain(graph.output.iter().map(|o| o.name.clone()))
+}
+
 /// Initializers of a graph by name.
 pub fn initializers(graph: &pb::GraphProto) -> HashMap<&str, &pb::TensorProto> {
     graph

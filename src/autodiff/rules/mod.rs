@@ -7,15 +7,24 @@
 
 mod conv;
 mod elementwise;
+mod linear;
 mod pool;
 mod reduce;
+mod shape;
 
 use super::context::{Ctx, NodeView};
 use crate::error::Result;
 
 pub type Rule = fn(&mut Ctx, &NodeView, &[Option<String>]) -> Result<Vec<Option<String>>>;
 
-const FAMILIES: &[&[(&str, Rule)]] = &[elementwise::RULES, reduce::RULES, conv::RULES, pool::RULES];
+const FAMILIES: &[&[(&str, Rule)]] = &[
+    elementwise::RULES,
+    reduce::RULES,
+    shape::RULES,
+    linear::RULES,
+    conv::RULES,
+    pool::RULES,
+];
 
 /// Operators whose outputs carry no gradient: shapes, comparisons, indices, rounding, random draws.
 const STOPS: &[&str] = &[

@@ -1,0 +1,168 @@
+//! The training step as one graph: a gradient graph whose parameters, optimizer moments and
+//! BatchNorm running statistics become inputs, with the optimizer's update appended (AdamW or SGD,
+//! exactly as torch.optim computes them) and every updated value an output `<name>_next`.
+//! The learning rate (`lr`) and the step count (`step`, int64, AdamW) are scalar inputs, so a
+//! schedule needs no new graph.
+
+mod optimizer;
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::onnx::builder::GraphBuilder;
+use crate::onnx::{pb, proto};
+
+pub use optimizer::Optimizer;
+
+/// The step graph's learning-rate input (float32 scalar).
+pub const LR: &str = "lr";
+/// The step graph's step-count input (int64 scalar; 1 at the first step), for AdamW's bias correction.
+pub const STEP: &str = "step";
+
+/// A value the step graph reads and writes back: fed as `input`, returned as `output`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Carried {
+    pub input: String,
+    pub output: String,
+    /// What it starts as: `initializer` (the joint graph's initializer of the same name) or `zeros`.
+    pub initial: &'static str,
+    pub dims: Vec<i64>,
+}
+
+/// A step graph and what it carries from step to step.
+pub struct StepGraph {
+    pub model: pb::ModelProto,
+    /// Parameters, then their optimizer moments, then BatchNorm running statistics.
+    pub carried: Vec<Carried>,
+}
+
+/// Turns `model` (a gradient graph: `gradients` are (parameter, gradient output) pairs,
+/// `statistics` (running statistic, updated output) pairs) into a step graph for `optimizer`.
+pub fn append_step(
+    model: &pb::ModelProto,
+    gradients: &[(String, String)],
+    statistics: &[(String, String)],
+    optimizer: &Optimizer,
+) -> Result<StepGraph> {
+    let mut model = model.clone();
+    let opset = proto::onnx_opset(&model);
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| Error::invalid_model("the gradient graph holds no graph"))?;
+    for name in [LR, STEP] {
+        if graph.input.iter().any(|i| i.name == name)
+            || graph
+                .node
+                .iter()
+                .any(|n| n.output.iter().any(|o| o == name))
+        {
+            return Err(Error::unsupported(format!(
+                "the graph already has a tensor named `{name}`, which the step graph needs for its own input"
+            )));
+        }
+    }
+    let mut dims: HashMap<String, Vec<i64>> = HashMap::new();
+    let carried_names: HashSet<&str> = gradients
+        .iter()
+        .map(|(p, _)| p.as_str())
+        .chain(statistics.iter().map(|(s, _)| s.as_str()))
+        .collect();
+    graph.initializer.retain(|t| {
+        if carried_names.contains(t.name.as_str()) {
+            dims.insert(t.name.clone(), t.dims.clone());
+            false
+        } else {
+            true
+        }
+    });
+    let gradient_outputs: HashSet<&str> = gradients.iter().map(|(_, g)| g.as_str()).collect();
+    graph
+        .output
+        .retain(|o| !gradient_outputs.contains(o.name.as_str()));
+
+    let mut b = GraphBuilder::new(opset, proto::names_in(graph));
+    let schedule = optimizer.schedule(&mut b);
+    let mut carried = Vec::new();
+    let mut new_outputs = Vec::new();
+    for (parameter, gradient) in gradients {
+        let shape = dims[parameter].clone();
+        let update = optimizer.update(&mut b, &schedule, parameter, gradient);
+        let next = b.unique(&format!("{parameter}_next"));
+        b.node("Identity", &[&update.parameter], &[&next], vec![], &next);
+        carried.push(Carried {
+            input: parameter.clone(),
+            output: next.clone(),
+            initial: "initializer",
+            dims: shape.clone(),
+        });
+        new_outputs.push((next, shape.clone()));
+        for (moment, moment_next) in update.moments {
+            carried.push(Carried {
+                input: moment,
+                output: moment_next.clone(),
+                initial: "zeros",
+                dims: shape.clone(),
+            });
+            new_outputs.push((moment_next, shape.clone()));
+        }
+    }
+    for (statistic, next) in statistics {
+        carried.push(Carried {
+            input: statistic.clone(),
+            output: next.clone(),
+            initial: "initializer",
+            dims: dims[statistic].clone(),
+        });
+    }
+    for c in &carried {
+        graph.input.push(float_info(&c.input, &c.dims));
+    }
+    graph.input.push(float_info(LR, &[]));
+    if optimizer.needs_step() {
+        graph.input.push(int64_info(STEP));
+    }
+    graph.node.append(&mut b.nodes);
+    graph.initializer.append(&mut b.initializers);
+    for (name, shape) in new_outputs {
+        graph.output.push(float_info(&name, &shape));
+    }
+    Ok(StepGraph { model, carried })
+}
+
+fn float_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+    tensor_info(name, pb::tensor_proto::DataType::Float, dims)
+}
+
+fn int64_info(name: &str) -> pb::ValueInfoProto {
+    tensor_info(name, pb::tensor_proto::DataType::Int64, &[])
+}
+
+fn tensor_info(
+    name: &str,
+    elem_type: pb::tensor_proto::DataType,
+    dims: &[i64],
+) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{dimension::Value, Dimension};
+    pb::ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: elem_type as i32,
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
