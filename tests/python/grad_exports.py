@@ -27,11 +27,19 @@ NUM_CLASSES = 1000  # torchvision's default head
 
 def build(name):
     """exports.build(name) (seeded weights, non-trivial BatchNorms), in train mode, without
-    randomness: every nn.Dropout and torchvision StochasticDepth at p = 0; parameters require grad."""
+    randomness: every nn.Dropout and torchvision StochasticDepth at p = 0; parameters require grad.
+
+    ConvNeXt's layer scales start at 1e-6: its blocks' gradients would then be 1e-6 of the
+    whole, rounding noise to the checks (gradient_cases.ZERO_FRACTION). They are drawn from
+    U(0.1, 0.3) instead (damped residual branches, as exports.build does for ResNets)."""
     model = exports.build(name)
-    for module in model.modules():
-        if isinstance(module, (nn.Dropout, torchvision.ops.StochasticDepth)):
-            module.p = 0.0
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Dropout, torchvision.ops.StochasticDepth)):
+                module.p = 0.0
+            if isinstance(module, torchvision.models.convnext.CNBlock):
+                module.layer_scale.copy_(torch.empty(module.layer_scale.shape).uniform_(0.1, 0.3, generator=generator))
     for p in model.parameters():
         p.requires_grad_(True)
     return model.train()
@@ -69,12 +77,13 @@ def export(name, mode, size):
     return exports.cached_export(exports.CACHE / key, same, write)
 
 
-def torch_gradients(name, x, y):
-    """(gradients, running statistics) of build(name) in train mode on (x, y), in float64:
-    d F.cross_entropy(model(x), y) / d parameter by state_dict name, and every BatchNorm's
-    running_mean / running_var after that one forward pass (momentum 0.1, unbiased variance)."""
-    model = build(name).double()
-    loss = F.cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y))
+def torch_gradients(name, x, y, dtype=torch.float64):
+    """(gradients, running statistics) of build(name) in train mode on (x, y), computed in
+    `dtype`: d F.cross_entropy(model(x), y) / d parameter by state_dict name, and every
+    BatchNorm's running_mean / running_var after that one forward pass (momentum 0.1, unbiased
+    variance)."""
+    model = build(name).to(dtype)
+    loss = F.cross_entropy(model(torch.from_numpy(x).to(dtype)), torch.from_numpy(y))
     loss.backward()
     gradients = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
     statistics = {n: b.detach().numpy().copy() for n, b in model.named_buffers()

@@ -134,10 +134,10 @@ def writing(case_id: str) -> Iterator[Path]:
     partial.rename(final)
 
 
-def save_reference(folder: Path, gradients: Dict[str, np.ndarray], state: Dict[str, np.ndarray] | None = None):
-    arrays = {f"gradient/{k}": np.asarray(v) for k, v in gradients.items()}
-    arrays.update({f"state/{k}": np.asarray(v) for k, v in (state or {}).items()})
-    np.savez(folder / "reference.npz", **arrays)
+def save_reference(folder: Path, **groups: Dict[str, np.ndarray]):
+    """reference.npz: `<group>/<name>` for each group (gradient, state; gradient32, state32: the
+    same reference computed in float32, where it is computed in float64)."""
+    np.savez(folder / "reference.npz", **{f"{g}/{k}": np.asarray(v) for g, arrays in groups.items() for k, v in arrays.items()})
 
 
 def write_meta(folder: Path, **meta):
@@ -163,12 +163,14 @@ class Case:
         with np.load(self.folder / f"{which}.npz") as f:
             return {k: f[k] for k in f.files}
 
-    def reference(self) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-        """(gradients by parameter, updated running statistics by statistic)."""
+    def reference(self) -> Dict[str, Dict[str, np.ndarray]]:
+        """{group: {name: array}} (save_reference's groups; absent groups are empty)."""
+        groups: Dict[str, Dict[str, np.ndarray]] = {g: {} for g in ("gradient", "state", "gradient32", "state32")}
         with np.load(self.folder / "reference.npz") as f:
-            grads = {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith("gradient/")}
-            state = {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith("state/")}
-        return grads, state
+            for key in f.files:
+                group, name = key.split("/", 1)
+                groups.setdefault(group, {})[name] = f[key]
+        return groups
 
     @property
     def graph(self) -> Path:
@@ -211,21 +213,35 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 # A gradient that is zero in exact arithmetic comes out of float32 as rounding noise, in the
 # reference and in the graph alike: a bias added just before a BatchNormalization that normalises
-# with the batch's statistics (FitNet's, AB's, OFD's connectors: conv + BN) has d loss / d bias =
-# 0, and both give ~1e-8 of the whole gradient's norm. Relative error between two noises means
-# nothing; such a reference (below ZERO_FRACTION of the norm of all the case's gradients together)
-# requires the graph's value to be below it too. Genuine gradients in these cases are 1e-4 or more
-# of that norm (measured on the fixtures: the smallest, a BN bias of resnet20, ~3e-4).
+# with the batch's statistics (FitNet's, AB's, OFD's connectors: conv + BN; a projection's BN
+# followed by a 1x1 conv and BN in MobileNets) has d loss / d bias = 0, and both give ~1e-8 of the
+# whole gradient's norm. Relative error between two noises means nothing; such a reference (below
+# ZERO_FRACTION of the norm of all the case's gradients together) requires the graph's value to be
+# below it too. Genuine gradients in these cases are 5e-5 or more of that norm (measured: the
+# smallest, an SE bias of efficientnet_b0, 5e-5; on the fixtures a BN bias of resnet20, 3e-4).
 ZERO_FRACTION = 1e-6
+
+# Where the reference is float64 (torch), float32 itself may miss RTOL on deep random networks
+# whose train-mode BatchNorms see few values (torch in float32 vs float64: densenet121 up to 1e-2,
+# resnet50 1e-2 on one BN bias, mobilenet_v2 6e-3; resnet18 2e-6). There the tolerance of a
+# parameter is FLOAT32_FLOOR times that float32 error, if larger than RTOL (as merge_checks
+# does for loss terms); the report says which parameters needed it.
+FLOAT32_FLOOR = 4.0
+
+
+def float32_floor(reference: Dict[str, np.ndarray], reference32: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """{name: relative error of the float32 reference against the float64 one}."""
+    return {n: relative_error(reference32[n], reference[n]) for n in reference if n in reference32}
 
 
 def mismatches(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray], outputs: Dict[str, str] | None = None,
-               rtol: float = RTOL, zero_fraction: float = 0.0) -> List[str]:
+               rtol: float = RTOL, zero_fraction: float = 0.0, floor: Dict[str, float] | None = None) -> List[str]:
     """One line per name of `want` whose value in `got` (under outputs[name], or the same name)
-    misses `rtol` in relative error or has another shape, worst first. With `zero_fraction`, a
-    reference below that fraction of the norm of all of `want` is zero to rounding, and the
-    value must be too (ZERO_FRACTION)."""
+    misses its tolerance in relative error or has another shape, worst first. The tolerance is
+    `rtol`, or FLOAT32_FLOOR * floor[name] where larger. With `zero_fraction`, a reference below
+    that fraction of the norm of all of `want` is zero to rounding, and the value must be too."""
     noise = zero_fraction * float(np.sqrt(sum(np.linalg.norm(np.asarray(w, np.float64)) ** 2 for w in want.values())))
+    floor = floor or {}
     bad = []
     for name, reference in want.items():
         value = np.asarray(got[outputs[name] if outputs else name])
@@ -238,11 +254,19 @@ def mismatches(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray], outputs:
                                     f"(|reference| {np.linalg.norm(reference):.3g} <= {noise:.3g})"))
             continue
         error = relative_error(value, reference)
-        if not error <= rtol:
-            bad.append((error, f"{name}: relative error {error:.2e} (|reference| {np.linalg.norm(reference):.3g})"))
+        tolerance = max(rtol, FLOAT32_FLOOR * floor.get(name, 0.0))
+        if not error <= tolerance:
+            note = f", float32 floor {floor[name]:.1e}" if name in floor else ""
+            bad.append((error / tolerance, f"{name}: relative error {error:.2e} > {tolerance:.1e} "
+                                           f"(|reference| {np.linalg.norm(reference):.3g}{note})"))
     return [line for _, line in sorted(bad, key=lambda b: -b[0])]
 
 
-def report(what: str, bad: List[str], total: int, rtol: float = RTOL) -> str:
-    """`what: k of n <...> beyond rtol, worst:` and the first ten lines of `bad`."""
-    return f"{what}: {len(bad)} of {total} beyond rtol {rtol:g}, worst:\n  " + "\n  ".join(bad[:10])
+def floored(floor: Dict[str, float], rtol: float = RTOL) -> List[str]:
+    """The names whose float32 floor widens their tolerance beyond `rtol`, worst first."""
+    return sorted((n for n, f in floor.items() if FLOAT32_FLOOR * f > rtol), key=lambda n: -floor[n])
+
+
+def report(what: str, bad: List[str], total: int) -> str:
+    """`what: k of n beyond tolerance, worst:` and the first ten lines of `bad`."""
+    return f"{what}: {len(bad)} of {total} beyond tolerance, worst:\n  " + "\n  ".join(bad[:10])

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 import gradient_cases as gc
@@ -51,16 +52,18 @@ def assert_export_holds(model_path: Path, model: str, names):
 
 @pytest.mark.parametrize("case", gc.model_cases(), ids=lambda c: c.id)
 def test_model_case(case: gc.ModelCase, kdgraph_bin):
-    """torch's gradients and updated running statistics for the exported module, and `kdgraph grad --labels`."""
+    """torch's gradients and updated running statistics for the exported module (in float64, and in
+    float32 for the float32 floor), and `kdgraph grad --labels`."""
     model_path = grad_exports.export(case.model, case.mode, case.size)
     x, y = grad_exports.input_batch(case.size, case.batch)
     gradients, statistics = grad_exports.torch_gradients(case.model, x, y)
+    gradients32, statistics32 = grad_exports.torch_gradients(case.model, x, y, torch.float32)
     assert_export_holds(model_path, case.model, list(gradients) + list(statistics))
     with gc.writing(case.id) as out:
         cmd = [str(kdgraph_bin), "grad", str(model_path), "--labels", "-o", str(out / "grad.onnx")]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         np.savez(out / "inputs.npz", input=x, labels=y)
-        gc.save_reference(out, gradients, statistics)
+        gc.save_reference(out, gradient=gradients, state=statistics, gradient32=gradients32, state32=statistics32)
         gc.write_meta(
             out, case=case.id, source=str(model_path),
             reference=f"torch autograd, float64, {case.model} in train mode, F.cross_entropy",
@@ -108,5 +111,5 @@ def test_joint_case(case: gc.JointCase, joint, kdgraph_bin, tmp_path):
         np.savez(out / "inputs.npz", **feeds)
         np.savez(out / "inputs-zero.npz", **graph_feeds(j, case.batch, images=np.zeros_like(feeds["input"])))
         np.savez(out / "inputs-batch1.npz", **graph_feeds(j, 1))
-        gc.save_reference(out, ort_training_gradients(j, feeds, tmp_path / "artifacts"))
+        gc.save_reference(out, gradient=ort_training_gradients(j, feeds, tmp_path / "artifacts"))
         gc.write_meta(out, **meta, graph=listing["model"], sidecar=j.path.with_suffix(".json").name, kdgraph_error=None)

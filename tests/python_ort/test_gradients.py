@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 import gradient_cases as gc
@@ -19,13 +21,19 @@ def assert_same_names(what: str, listed, reference):
 def test_gradients_match_reference(case_id, case, run_ort):
     """Every parameter's gradient (and, for whole models, every updated running statistic)."""
     c = case(case_id)
-    want, want_state = c.reference()
+    ref = c.reference()
     outputs, state_outputs = c.outputs()
-    assert_same_names(f"{case_id} parameters", outputs, want)
+    assert_same_names(f"{case_id} parameters", outputs, ref["gradient"])
     if case_id.startswith("model-"):  # torch's running statistics (ORT Training does not expose its own)
-        assert_same_names(f"{case_id} running statistics", state_outputs, want_state)
+        assert_same_names(f"{case_id} running statistics", state_outputs, ref["state"])
     got = run_ort(c)
-    bad = gc.mismatches(got, want, outputs, zero_fraction=gc.ZERO_FRACTION)
-    assert not bad, gc.report(f"{case_id} gradients", bad, len(want))
-    bad = gc.mismatches(got, want_state, state_outputs)
-    assert not bad, gc.report(f"{case_id} running statistics", bad, len(want_state))
+    floor = gc.float32_floor(ref["gradient"], ref["gradient32"])
+    bad = gc.mismatches(got, ref["gradient"], outputs, zero_fraction=gc.ZERO_FRACTION, floor=floor)
+    assert not bad, gc.report(f"{case_id} gradients", bad, len(ref["gradient"]))
+    state_floor = gc.float32_floor(ref["state"], ref["state32"])
+    bad = gc.mismatches(got, ref["state"], state_outputs, floor=state_floor)
+    assert not bad, gc.report(f"{case_id} running statistics", bad, len(ref["state"]))
+    widened = gc.floored(floor) + gc.floored(state_floor)
+    if widened:
+        warnings.warn(f"{case_id}: {len(widened)} tensors compared at {gc.FLOAT32_FLOOR:g} x their float32 floor "
+                      f"(torch float32 vs float64 beyond {gc.RTOL:g}), e.g. {widened[:3]}")
