@@ -32,12 +32,14 @@ SIZE = 224
 REPEATS = 5
 
 
-def export(name, train, path):
+def export(name, train, path, size=SIZE):
+    """torchvision `name` (random weights, seed 0) exported once to `path` at size x size: in
+    training mode (BatchNorms kept) or eval mode (folded)."""
     if path.exists():
         return path
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None)
-    x = torch.randn(2, 3, SIZE, SIZE)
+    x = torch.randn(2, 3, size, size)
     kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=17, dynamo=False,
                   dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     if train:
@@ -91,6 +93,7 @@ def student_only(student, workdir):
 
 
 def step_time(run, repeats=5):
+    """Median wall time of `repeats` calls of `run`, after one warm-up call."""
     run()  # warm-up
     times = []
     for _ in range(repeats):

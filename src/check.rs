@@ -1,5 +1,7 @@
 //! Running a joint graph with tract on seeded inputs and reading back every loss term.
 
+use std::collections::HashMap;
+
 use tract_onnx::prelude::*;
 
 use crate::error::{Error, Result};
@@ -25,12 +27,62 @@ pub fn run_losses(
     batch: usize,
     shown: &str,
 ) -> Result<Vec<Term>> {
-    run(model, roles, batch, shown)
+    let values = seeded_feeds(model, roles, batch, &mut HashMap::new(), shown)?;
+    let mut terms = Vec::new();
+    for (name, value) in run_graph(model, values, shown)? {
+        if value.rank() == 0 && value.datum_type() == f32::datum_type() {
+            let v = value
+                .cast_to_scalar::<f32>()
+                .map_err(|e| Error::invalid_model(format!("`{shown}`: output `{name}`: {e}")))?;
+            terms.push(Term { name, value: v });
+        }
+    }
+    Ok(terms)
 }
 
-fn run(model: &pb::ModelProto, roles: &[Role], batch: usize, shown: &str) -> Result<Vec<Term>> {
+/// Runs a graph kdgraph derived (gradients, a training step) with tract at batch size `batch`:
+/// the inputs in `known` as given, the others seeded as [`run_losses`] seeds them. Fails unless
+/// every float output is finite, naming the first that is not.
+pub fn run_finite(
+    model: &pb::ModelProto,
+    roles: &[Role],
+    batch: usize,
+    mut known: HashMap<String, Tensor>,
+    shown: &str,
+) -> Result<()> {
+    let values = seeded_feeds(model, roles, batch, &mut known, shown)?;
+    for (name, value) in run_graph(model, values, shown)? {
+        if value.datum_type() != f32::datum_type() {
+            continue;
+        }
+        let finite = value
+            .to_plain_array_view::<f32>()
+            .map(|v| v.iter().all(|x| x.is_finite()))
+            .unwrap_or(true);
+        if !finite {
+            return Err(Error::unsupported(format!(
+                "`{shown}`: output `{name}` is not finite when tract runs the graph on seeded inputs at batch {batch}; please report this with the models"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One value per fed input: from `known` where given, else seeded (float) or `i % bound`
+/// (integer inputs with an index bound in `roles`).
+fn seeded_feeds(
+    model: &pb::ModelProto,
+    roles: &[Role],
+    batch: usize,
+    known: &mut HashMap<String, Tensor>,
+    shown: &str,
+) -> Result<Vec<Tensor>> {
     let mut values = Vec::new();
     for (index, input) in fed_inputs(model, shown)?.into_iter().enumerate() {
+        if let Some(value) = known.remove(&input.name) {
+            values.push(value);
+            continue;
+        }
         let (elem_type, dims) = input_type(input, batch)?;
         let elements = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
         if elements.is_none_or(|n| n > MAX_INPUT_ELEMENTS) {
@@ -65,16 +117,7 @@ fn run(model: &pb::ModelProto, roles: &[Role], batch: usize, shown: &str) -> Res
         .map_err(|e| Error::invalid_model(format!("input `{}`: {e}", input.name)))?;
         values.push(value);
     }
-    let mut terms = Vec::new();
-    for (name, value) in run_graph(model, values, shown)? {
-        if value.rank() == 0 && value.datum_type() == f32::datum_type() {
-            let v = value
-                .cast_to_scalar::<f32>()
-                .map_err(|e| Error::invalid_model(format!("`{shown}`: output `{name}`: {e}")))?;
-            terms.push(Term { name, value: v });
-        }
-    }
-    Ok(terms)
+    Ok(values)
 }
 
 /// `count` values in [-1, 1) from a xorshift generator seeded by `seed`.

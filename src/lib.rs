@@ -205,6 +205,15 @@ pub fn write_joint(
                     &joint.sidecar.requires_grad,
                     &grad_path.display().to_string(),
                 )?;
+                if let Some(batch) = check_batch {
+                    check::run_finite(
+                        &model,
+                        &joint.sidecar.inputs,
+                        batch,
+                        Default::default(),
+                        &grad_path.display().to_string(),
+                    )?;
+                }
                 let encoded = onnx::io::encode_model(model, &grad_path)?;
                 file.model = file_name(&grad_path);
                 file.model_hash = onnx::io::content_hash(&encoded[0].1);
@@ -227,6 +236,10 @@ pub fn write_joint(
                     .map(|s| (s.statistic.clone(), s.output.clone()))
                     .collect();
                 let step = step::append_step(&model, &gradients, &statistics, optimizer)?;
+                if let Some(batch) = check_batch {
+                    let known = step::first_step_values(&joint.model, &step.carried, optimizer);
+                    check::run_finite(&step.model, &joint.sidecar.inputs, batch, known, &shown)?;
+                }
                 let encoded = onnx::io::encode_model(step.model, &step_path)?;
                 let mut schedule_inputs = vec![step::LR.to_string()];
                 if optimizer.needs_step() {

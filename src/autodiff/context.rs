@@ -61,6 +61,13 @@ impl NodeView<'_> {
     }
 }
 
+/// The adjoint of a node's first output; an error when the loss reads only its other outputs.
+pub fn first_adjoint(dy: &[Option<String>]) -> Result<&str> {
+    dy.first().and_then(Option::as_deref).ok_or_else(|| {
+        Error::unsupported("the loss reads only its secondary outputs, which carry no gradient")
+    })
+}
+
 /// The context of the backward pass: the builder of added nodes and facts about forward tensors.
 pub struct Ctx<'a> {
     pub b: GraphBuilder,
@@ -77,7 +84,10 @@ impl<'a> Ctx<'a> {
         let mut constants: HashMap<String, pb::TensorProto> = graph
             .initializer
             .iter()
-            .filter(|t| t.data_type == pb::tensor_proto::DataType::Int64 as i32)
+            .filter(|t| {
+                use pb::tensor_proto::DataType as T;
+                t.data_type == T::Int64 as i32 || t.data_type == T::Bool as i32
+            })
             .map(|t| (t.name.clone(), t.clone()))
             .collect();
         for node in graph.node.iter().filter(|n| n.op_type == "Constant") {
@@ -132,6 +142,16 @@ impl<'a> Ctx<'a> {
         self.facts.get(tensor).and_then(|f| f.elem_type)
     }
 
+    /// A float mask (`[x = y]`, ...) in the element type of the float tensor `like`: a Cast of
+    /// the bool `mask` (to float32 where the type of `like` is unknown).
+    pub fn float_mask(&mut self, mask: &str, like: &str, name: &str) -> String {
+        let to = self
+            .elem_type(like)
+            .unwrap_or(pb::tensor_proto::DataType::Float as i32);
+        self.b
+            .op("Cast", &[mask], vec![("to", Attr::Int(to as i64))], name)
+    }
+
     /// The values of an int64 constant (initializer or Constant node), if `tensor` is one.
     pub fn const_ints(&self, tensor: &str) -> Option<Vec<i64>> {
         let t = self.constants.get(tensor)?;
@@ -147,6 +167,19 @@ impl<'a> Ctx<'a> {
             )
         } else {
             Some(t.int64_data.clone())
+        }
+    }
+
+    /// The values of a bool constant (initializer or Constant node), if `tensor` is one.
+    pub fn const_bools(&self, tensor: &str) -> Option<Vec<bool>> {
+        let t = self.constants.get(tensor)?;
+        if t.data_type != pb::tensor_proto::DataType::Bool as i32 {
+            return None;
+        }
+        if !t.raw_data.is_empty() {
+            Some(t.raw_data.iter().map(|&b| b != 0).collect())
+        } else {
+            Some(t.int32_data.iter().map(|&b| b != 0).collect())
         }
     }
 

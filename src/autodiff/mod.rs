@@ -136,10 +136,17 @@ impl<'a> Walk<'a> {
             {
                 continue;
             }
+            let cast_to = (node.op_type == "Cast")
+                .then(|| {
+                    node.attribute
+                        .iter()
+                        .find(|a| a.name == "to")
+                        .map(|a| a.i as i32)
+                })
+                .flatten();
             for output in node.output.iter().filter(|o| !o.is_empty()) {
-                let float = facts
-                    .get(output)
-                    .and_then(|f| f.elem_type)
+                let float = cast_to
+                    .or_else(|| facts.get(output).and_then(|f| f.elem_type))
                     .is_none_or(is_float);
                 if float {
                     active.insert(output.clone());

@@ -198,6 +198,33 @@ pub fn prune_to(graph: &mut pb::GraphProto, needed: &HashSet<String>) {
     graph.initializer.retain(|t| used.contains(&t.name));
 }
 
+/// Renames every node whose name, followed by a dot, begins the name of a graph input or an
+/// initializer (`conv0` beside the input `conv0.bias`): tract names the nodes it adds for a node
+/// `<name>.bias`, `<name>.weight`, ... and refuses a graph where one already exists.
+pub fn separate_node_names(graph: &mut pb::GraphProto) {
+    let values: Vec<&str> = graph
+        .input
+        .iter()
+        .map(|i| i.name.as_str())
+        .chain(graph.initializer.iter().map(|t| t.name.as_str()))
+        .collect();
+    let clashes: HashSet<String> = graph
+        .node
+        .iter()
+        .filter(|n| {
+            !n.name.is_empty()
+                && values.iter().any(|v| {
+                    v.strip_prefix(n.name.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+                })
+        })
+        .map(|n| n.name.clone())
+        .collect();
+    for node in graph.node.iter_mut().filter(|n| clashes.contains(&n.name)) {
+        node.name = format!("{}/{}", node.name, node.op_type);
+    }
+}
+
 /// Every tensor `target` depends on (itself included), through the graph's nodes.
 pub fn ancestors<'a>(graph: &'a pb::GraphProto, target: &'a str) -> HashSet<&'a str> {
     let producer: HashMap<&str, &pb::NodeProto> = graph

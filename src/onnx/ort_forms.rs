@@ -274,7 +274,10 @@ fn reduction_keeping_axes(b: &mut GraphBuilder, node: &pb::NodeProto) {
     let axes = match node.input.get(1).filter(|a| !a.is_empty()) {
         Some(input) => input.clone(),
         None => {
-            let values = proto::attr_ints(node, "axes").unwrap_or_default().to_vec();
+            // Counted from the front first, then from the back: ascending positions for any rank
+            // (tract's Squeeze fails on descending ones such as [-1, 0]).
+            let mut values = proto::attr_ints(node, "axes").unwrap_or_default().to_vec();
+            values.sort_by_key(|&a| (a < 0, a));
             b.const_i64(&format!("{base}/axes"), &[values.len() as i64], &values)
         }
     };

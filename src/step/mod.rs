@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::onnx::builder::GraphBuilder;
-use crate::onnx::{pb, proto};
+use crate::onnx::{edit, pb, proto};
+use tract_onnx::prelude::{tensor0, Tensor};
 
 pub use optimizer::Optimizer;
 
@@ -129,7 +130,40 @@ pub fn append_step(
     for (name, shape) in new_outputs {
         graph.output.push(float_info(&name, &shape));
     }
+    edit::separate_node_names(graph);
     Ok(StepGraph { model, carried })
+}
+
+/// The values of the first step's carried and schedule inputs: parameters and statistics from
+/// `joint`'s initializers, zero moments, lr 1e-3 and step 1.
+pub fn first_step_values(
+    joint: &pb::ModelProto,
+    carried: &[Carried],
+    optimizer: &Optimizer,
+) -> HashMap<String, Tensor> {
+    let initializers = joint
+        .graph
+        .as_ref()
+        .map(proto::initializers)
+        .unwrap_or_default();
+    let mut values = HashMap::new();
+    for c in carried {
+        let dims: Vec<usize> = c.dims.iter().map(|&d| d as usize).collect();
+        let count = dims.iter().product();
+        let data = initializers
+            .get(c.input.as_str())
+            .filter(|_| c.initial == "initializer")
+            .and_then(|t| proto::float_values(t))
+            .unwrap_or_else(|| vec![0.0; count]);
+        if let Ok(tensor) = Tensor::from_shape(&dims, &data) {
+            values.insert(c.input.clone(), tensor);
+        }
+    }
+    values.insert(LR.to_string(), tensor0(1e-3f32));
+    if optimizer.needs_step() {
+        values.insert(STEP.to_string(), tensor0(1i64));
+    }
+    values
 }
 
 fn float_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {

@@ -60,6 +60,7 @@ CASES = {
     "wide-3x2-s3-dil": (1, 17, (9, 8), 3, (3, 2), (3, 1), [0, 1, 2, 0], (2, 2), 1),
     "wide-1x1-s1": (2, 16, (5, 4), 5, (1, 1), (1, 1), [0, 0, 0, 0], (1, 1), 1),
     "wide-1x1-s2": (2, 16, (7, 6), 5, (1, 1), (2, 2), [0, 0, 0, 0], (1, 1), 1),
+    "wide-1x1-s2-many-positions": (2, 16, (12, 11), 5, (1, 1), (2, 2), [0, 0, 0, 0], (1, 1), 1),
     "wide-1x1-s32": (1, 20, (8, 7), 4, (1, 1), (3, 2), [0, 0, 0, 0], (1, 1), 1),
     "wide-1x1-padded": (2, 16, (5, 5), 3, (1, 1), (1, 1), [1, 0, 0, 1], (1, 1), 1),
     "wide-grouped": (2, 32, (6, 5), 4, (3, 3), (2, 1), [1, 1, 0, 1], (1, 1), 2),
@@ -79,7 +80,7 @@ def test_conv_2d(kdgraph_bin, tmp_path, case):
 
 @pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
 def test_conv_auto_pad(kdgraph_bin, tmp_path, mode):
-    size, kernel, stride, dilation = (8, 7), (4, 3), (2, 3), (1, 1)
+    size, kernel, stride, dilation = (9, 8), (4, 3), (2, 3), (1, 1)  # odd total pads on axis 0
     params = {"x": randn(2, 3, *size), "w": randn(4, 3, *kernel)}
     if mode == "VALID":
         pads = [0, 0, 0, 0]

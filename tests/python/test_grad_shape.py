@@ -310,10 +310,16 @@ SYMBOLIC = {
     "TopK": dict(x_shape=(5,), constants={"k": ints(2)}, outputs=2, torch_fn=lambda t: torch.topk(t, 2).values),
     "Slice": dict(x_shape=(6,), constants={"starts": ints(4), "ends": ints(0), "axes": ints(1), "steps": ints(-2)},
                   torch_fn=lambda t: t[:, [4, 2]]),
+    # Along the symbolic batch axis itself: from a position to the end, and up to one from the back (CC).
+    "Slice-batch-tail": dict(op="Slice", x_shape=(3,), constants={"starts": ints(1), "ends": ints(2**63 - 1), "axes": ints(0)},
+                             torch_fn=lambda t: t[1:]),
+    "Slice-batch-head": dict(op="Slice", x_shape=(3,), constants={"starts": ints(0), "ends": ints(-1), "axes": ints(0)},
+                             torch_fn=lambda t: t[:-1]),
 }
 
 
-@pytest.mark.parametrize("op", SYMBOLIC)
-def test_symbolic_batch(kdgraph_bin, tmp_path, op):
-    case = dict(SYMBOLIC[op])
+@pytest.mark.parametrize("case", SYMBOLIC)
+def test_symbolic_batch(kdgraph_bin, tmp_path, case):
+    case, op = dict(SYMBOLIC[case]), case
+    op = case.pop("op", op)
     check_symbolic_batch(kdgraph_bin, tmp_path, op, case.pop("torch_fn"), case.pop("x_shape"), **case)

@@ -14,7 +14,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from grad_check import relative_error
 from merge_checks import COMMITTED, PAIRS, image_batch, label_batch, session_options
 
 STEPS = 3
@@ -70,6 +69,7 @@ def test_step_equals_torch_optim(merge, optimizer, torch_optimizer):
         grads = dict(zip(parameters, grad_session.run([gradient_of[p] for p in parameters], feeds)))
         for p, leaf in leaves.items():
             leaf.grad = torch.tensor(grads[p], dtype=torch.float64)
+        before_step = {p: leaf.detach().numpy().copy() for p, leaf in leaves.items()}
         opt.step()
         feeds = {**batch, **values, "lr": np.array(0.01, np.float32)}
         if "step" in step_inputs:
@@ -79,6 +79,10 @@ def test_step_equals_torch_optim(merge, optimizer, torch_optimizer):
             values[c["input"]] = outputs[c["output"]]
         for p, leaf in leaves.items():
             want = leaf.detach().numpy()
-            error = relative_error(values[p] - initial[p], want - initial[p])
-            assert error <= 1e-4, f"step {step}: {p}: update differs from torch.optim by {error:.2e} (relative)"
+            before = before_step[p]
+            # The update to 1e-4 of its size, plus the float32 rounding of the new parameter
+            # (2 ulp): an update far smaller than the parameter cannot be exact in float32.
+            allowed = 1e-4 * np.linalg.norm(want - before) + np.linalg.norm(2 * np.finfo(np.float32).eps * np.abs(want))
+            error = np.linalg.norm(values[p].astype(np.float64) - want)
+            assert error <= allowed, f"step {step}: {p}: differs from torch.optim by {error:.2e} (allowed {allowed:.2e})"
             values[p] = want.astype(np.float32)  # continue from torch's parameters: no drift between the two

@@ -253,6 +253,11 @@ fn conv(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
         return Ok(vec![None; n.node.input.len()]);
     };
     let weight = ctx.fixed_dims(n.input(1))?;
+    if weight.len() < 3 {
+        return Err(Error::unsupported(
+            "its weight has no spatial axes; kdgraph differentiates 1-D and wider convolutions",
+        ));
+    }
     let window = Window::read(ctx, n, weight[2..].to_vec())?;
     let groups = n.attr_int("group", 1);
     let ch = Channels {
@@ -292,20 +297,27 @@ fn bias_grad(ctx: &mut Ctx, n: &NodeView, dy: &str, w: &Window, ch: &Channels) -
 }
 
 /// How the weight gradient dW[m, c, k] = sum over the batch and the output positions of
-/// dY[n, m, o] * X[n, c, source(o, k)] is computed. Measured on onnxruntime 1.31 CPU at batch 32
-/// (bench/conv_backward.py; bench/README.md has the figures):
+/// dY[n, m, o] * X[n, c, source(o, k)] is computed. Measured with bench/conv_weight_grad_forms.py
+/// on onnxruntime 1.31 CPU, batch 32, 2 threads, CPU time over the forward Conv's (resnet18 and
+/// MobileNetV2 shapes at 64x64; bench/README.md has the figures):
 /// - `BatchTransposed`: one Conv of X (batch and channels swapped) with dY as its weight, strides
 ///   and dilations swapped, `group` kept. ORT runs its own im2col inside, which beats a Gather of
-///   rows of fewer than 16 floats: it wins for depthwise convolutions (3.2x the forward against
-///   6-8x for the Gather forms), narrow groups and stems over 3 channels (7x7: 1.7x against 3x).
-/// - `Pointwise`: a 1x1 convolution without pads is a single Gemm over the batch and the
-///   positions (X strided by a Slice): 0.4-0.9x the forward.
+///   rows of fewer than 16 floats: depthwise 3x3 5.5x against 16-18x for the Gather forms
+///   (im2col per group, Gather + MatMul, Gather + Mul + ReduceSum), the 7x7 stem over 3 channels
+///   2.1x against 2.8-3.0x.
+/// - `PointwiseBatched`: a 1x1 convolution without pads whose output has at least as many
+///   positions as X has channels: one MatMul per batch element, dY [M, O] by X^T [O, C], and a
+///   ReduceSum over the batch (0.8-1.4x; 1.7x as one Gemm).
+/// - `Pointwise`: other 1x1 convolutions without pads (few positions, many channels: the
+///   ReduceSum over N * M * C would cost more than the MatMuls): X at the strided positions and
+///   dY as rows [N * O, channels], one Gemm(transA=1) (1.0x at 2x2 against 12.7x batched).
 /// - `Im2col`: X in channels-last rows, one Gather with precomputed indices builds the columns
 ///   [N * O, K * C], and one Gemm(transA=1) contracts them with dY over N * O: the fastest for
-///   3x3 convolutions of 16 channels or more (1.3-2.2x; the batch-transposed Conv takes 1.9-3.2x).
+///   3x3 convolutions of 16 channels or more (1.2-3.2x; the batch-transposed Conv takes 1.9-3.4x).
 /// - `Im2colGrouped`: the same per group, one batched MatMul, for groups of 16 channels or more.
 enum WeightGradForm {
     BatchTransposed,
+    PointwiseBatched,
     Pointwise,
     Im2col,
     Im2colGrouped,
@@ -322,6 +334,8 @@ fn weight_grad_form(w: &Window, ch: &Channels) -> WeightGradForm {
         WeightGradForm::BatchTransposed
     } else if ch.groups > 1 {
         WeightGradForm::Im2colGrouped
+    } else if pointwise && w.output_size() >= ch.input {
+        WeightGradForm::PointwiseBatched
     } else if pointwise {
         WeightGradForm::Pointwise
     } else {
@@ -333,6 +347,7 @@ fn weight_grad_form(w: &Window, ch: &Channels) -> WeightGradForm {
 fn weight_grad(ctx: &mut Ctx, n: &NodeView, dy: &str, w: &Window, ch: &Channels) -> String {
     match weight_grad_form(w, ch) {
         WeightGradForm::BatchTransposed => weight_grad_batch_transposed(ctx, n, dy, w, ch),
+        WeightGradForm::PointwiseBatched => weight_grad_pointwise_batched(ctx, n, dy, w, ch),
         WeightGradForm::Pointwise => weight_grad_pointwise(ctx, n, dy, w, ch),
         WeightGradForm::Im2col => weight_grad_im2col(ctx, n, dy, w, ch),
         WeightGradForm::Im2colGrouped => weight_grad_im2col_grouped(ctx, n, dy, w, ch),
@@ -410,6 +425,25 @@ fn weight_grad_pointwise(
     ctx.b.reshape(&dw, &dims, &n.name("dw"))
 }
 
+/// dW of a 1x1 convolution without pads, per batch element: dY [M, O] times X at the strided
+/// positions [O, C], then the sum over the batch.
+fn weight_grad_pointwise_batched(
+    ctx: &mut Ctx,
+    n: &NodeView,
+    dy: &str,
+    w: &Window,
+    ch: &Channels,
+) -> String {
+    let o = w.output_size();
+    let x = strided(ctx, n, w);
+    let x = channels_last(ctx, &x, ch.input, o, &n.name("dw/x_t"));
+    let dy = ctx.b.reshape(dy, &[0, ch.output, o], &n.name("dw/dy_flat"));
+    let per_sample = ctx.b.matmul(&dy, &x, &n.name("dw/per_sample"));
+    let dw = ctx.b.reduce_sum(&per_sample, &[0], &n.name("dw/sum"));
+    let dims: Vec<i64> = [vec![ch.output, ch.input], w.kernel.clone()].concat();
+    ctx.b.reshape(&dw, &dims, &n.name("dw"))
+}
+
 /// X at the positions a 1x1 convolution reads: every stride-th element of each spatial axis.
 fn strided(ctx: &mut Ctx, n: &NodeView, w: &Window) -> String {
     if w.strides.iter().all(|&s| s == 1) {
@@ -444,7 +478,13 @@ fn channels_last_rows(ctx: &mut Ctx, t: &str, channels: i64, positions: i64, nam
 }
 
 /// [N, C, positions...] as [N, positions, C].
-fn channels_last(ctx: &mut Ctx, t: &str, channels: i64, positions: i64, name: &str) -> String {
+pub(super) fn channels_last(
+    ctx: &mut Ctx,
+    t: &str,
+    channels: i64,
+    positions: i64,
+    name: &str,
+) -> String {
     let flat = ctx
         .b
         .reshape(t, &[0, channels, positions], &format!("{name}/flat"));

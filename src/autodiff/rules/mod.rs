@@ -11,6 +11,7 @@ mod linear;
 mod pool;
 mod reduce;
 mod shape;
+mod softmax;
 
 use super::context::{Ctx, NodeView};
 use crate::error::Result;
@@ -20,6 +21,7 @@ pub type Rule = fn(&mut Ctx, &NodeView, &[Option<String>]) -> Result<Vec<Option<
 const FAMILIES: &[&[(&str, Rule)]] = &[
     elementwise::RULES,
     reduce::RULES,
+    softmax::RULES,
     shape::RULES,
     linear::RULES,
     conv::RULES,

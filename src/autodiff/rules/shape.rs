@@ -121,12 +121,33 @@ fn slice(ctx: &mut Ctx, n: &NodeView, dy: &[Option<String>]) -> Adjoints {
     let mut grad = dy.to_string();
     for i in 0..starts.len() {
         let axis = normalize_axis(axes[i], rank)?;
+        let name = n.name(&format!("axis{axis}"));
+        if let Some((before, after)) = open_run(ctx, x, axis, starts[i], ends[i], steps[i]) {
+            grad = pad_axis(ctx, &grad, axis, rank, before, after, &name);
+            continue;
+        }
         let dim = fixed_dim(ctx, x, axis)?;
         let positions = slice_positions(starts[i], ends[i], steps[i], dim)?;
-        let name = n.name(&format!("axis{axis}"));
         grad = place_along_axis(ctx, &grad, axis, rank, &positions, dim, &name);
     }
     Ok(vec![Some(grad)])
+}
+
+/// Along an axis of unknown size (the batch), a step-1 slice from a position counted from the
+/// front to the end or to a position counted from the back: the zeros its adjoint needs before
+/// and after, which do not depend on the size (`x[1:]`, `x[:-1]`).
+fn open_run(
+    ctx: &Ctx,
+    x: &str,
+    axis: usize,
+    start: i64,
+    end: i64,
+    step: i64,
+) -> Option<(i64, i64)> {
+    let symbolic = matches!(ctx.shape(x).ok()?.get(axis), Some(Dim::Symbol(_)));
+    let to_the_end = end >= i64::from(i32::MAX);
+    (symbolic && step == 1 && start >= 0 && (end < 0 || to_the_end))
+        .then(|| (start, if to_the_end { 0 } else { -end }))
 }
 
 /// The positions along one axis that Slice reads, in output order (ONNX's clamping rules).

@@ -1,0 +1,157 @@
+"""Benchmark of kdgraph's own gradients (issue 11): the gradient graph of a joint graph on stock
+onnxruntime, against its forward pass alone, ORT Training's forward+backward of the same joint
+graph, and PyTorch eager's forward+backward of the same two modules.
+
+Run: .venv/bin/python bench/gradients.py [--sizes 64,224] [--methods kd,at] [--batch 32]
+Needs .venv (torch, ORT Training) and .venv-ort (stock onnxruntime 1.31); scripts/python-env.sh
+makes both. Uses target/debug/kdgraph (or $KDGRAPH_BIN) to merge: merge time is not measured here.
+Models: torchvision resnet50 (eval export, BN folded) as teacher, resnet18 (training-mode export)
+as student, random weights, cached in bench/.cache. 2 intra-op threads everywhere.
+Writes bench/results/gradients.json and prints a Markdown table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+import torch.nn.functional as F
+import torchvision
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "examples"))
+from bench import CACHE, export, step_time  # noqa: E402
+import train_ort  # noqa: E402
+
+THREADS = 2
+REPEATS = 5
+KD_T = 4.0
+
+# Timed in .venv-ort: the forward pass (the joint graph) and the gradient graph on stock onnxruntime.
+STOCK_TIMER = r"""
+import json, sys, time
+import numpy as np, onnxruntime as ort
+joint, grad, feeds_path, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+feeds = dict(np.load(feeds_path))
+so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.inter_op_num_threads = 1
+def median(path):
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in s.get_inputs()}
+    f = {k: v for k, v in feeds.items() if k in wanted}
+    s.run(None, f)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter(); s.run(None, f); times.append(time.perf_counter() - t)
+    return float(np.median(times))
+print(json.dumps({"forward_s": median(joint), "gradients_s": median(grad), "onnxruntime": ort.__version__}))
+"""
+
+
+def kdgraph_bin():
+    return Path(os.environ.get("KDGRAPH_BIN", ROOT / "target" / "debug" / "kdgraph"))
+
+
+def pytorch_time(method, size, batch, x, y):
+    """Forward (teacher no-grad, student train mode) + loss + backward, as a PyTorch user runs it."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    teacher = torchvision.models.resnet50(weights=None).eval()
+    student = torchvision.models.resnet18(weights=None).train()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    features = {}
+    if method == "at":
+        for name, module in [("t", teacher), ("s", student)]:
+            for stage in ("layer1", "layer2", "layer3", "layer4"):
+                getattr(module, stage).register_forward_hook(
+                    lambda m, i, o, key=f"{name}/{stage}": features.__setitem__(key, o)
+                )
+
+    def attention(f):
+        a = f.pow(2).mean(1).flatten(1)
+        return F.normalize(a, dim=1)
+
+    def run():
+        student.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t_logits = teacher(xt)
+        s_logits = student(xt)
+        loss = F.cross_entropy(s_logits, yt)
+        if method == "kd":
+            kd = F.kl_div(F.log_softmax(s_logits / KD_T, 1), F.softmax(t_logits / KD_T, 1), reduction="batchmean")
+            loss = 0.1 * loss + 0.9 * kd * KD_T * KD_T
+        else:
+            for stage in ("layer1", "layer2", "layer3", "layer4"):
+                loss = loss + 1000.0 * (attention(features[f"s/{stage}"]) - attention(features[f"t/{stage}"])).pow(2).mean()
+        loss.backward()
+
+    return step_time(run, REPEATS)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="64,224")
+    parser.add_argument("--methods", default="kd,at")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    stock_python = ROOT / ".venv-ort" / "bin" / "python"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        teacher = export("resnet50", False, CACHE / f"resnet50_eval_{size}.onnx", size)
+        student = export("resnet18", True, CACHE / f"resnet18_train_{size}.onnx", size)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((args.batch, 3, size, size), dtype=np.float32)
+        y = (np.arange(args.batch) % 1000).astype(np.int64)
+        feeds = CACHE / f"feeds_{size}_{args.batch}.npz"
+        np.savez(feeds, input=x, labels=y)
+        for method in args.methods.split(","):
+            joint = CACHE / f"{method}_{size}" / "joint.onnx"
+            joint.parent.mkdir(exist_ok=True)
+            subprocess.run(
+                [str(kdgraph_bin()), "merge", str(teacher), str(student), "-m", method, "-o", str(joint), "--emit", "gradients", "--no-check"],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+            stock = json.loads(subprocess.run(
+                [str(stock_python), "-c", STOCK_TIMER, str(joint), str(joint.with_name("joint.grad.onnx")), str(feeds), str(REPEATS)],
+                check=True, capture_output=True, text=True,
+            ).stdout)
+            stage = train_ort.Stage(joint.with_suffix(".json"), CACHE / f"{method}_{size}" / "artifacts")
+            ort_training = step_time(lambda: stage.forward_backward({"input": x, "labels": y}), REPEATS)
+            row = {
+                "method": method, "size": size, "batch": args.batch,
+                "stock_forward_s": stock["forward_s"], "stock_gradients_s": stock["gradients_s"],
+                "ort_training_forward_backward_s": ort_training,
+                "pytorch_forward_backward_s": pytorch_time(method, size, args.batch, x, y),
+            }
+            row["backward_over_forward"] = (row["stock_gradients_s"] - row["stock_forward_s"]) / row["stock_forward_s"]
+            row["over_pytorch"] = row["stock_gradients_s"] / row["pytorch_forward_backward_s"]
+            row["over_ort_training"] = row["stock_gradients_s"] / row["ort_training_forward_backward_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "versions": {"onnxruntime_stock": stock["onnxruntime"], "onnxruntime_training": onnxruntime.__version__, "torch": torch.__version__},
+        "threads": THREADS, "repeats": REPEATS, "statistic": "median",
+        "rows": rows,
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "gradients.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("| method | size | forward (stock ORT) | gradient graph (stock ORT) | backward / forward | ORT Training fwd+bwd | PyTorch eager fwd+bwd |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['size']} | {r['stock_forward_s']:.3f} s | {r['stock_gradients_s']:.3f} s | {r['backward_over_forward']:.2f}x | "
+              f"{r['ort_training_forward_backward_s']:.3f} s | {r['pytorch_forward_backward_s']:.3f} s |")
+
+
+if __name__ == "__main__":
+    main()

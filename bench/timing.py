@@ -1,0 +1,36 @@
+"""Paired timings for the bench scripts, robust enough for a busy machine: two callables run
+interleaved, several repetitions, each timed by the wall clock and by the process's CPU time."""
+
+import time
+
+import numpy as np
+
+
+def timed(run, iterations: int):
+    """(wall seconds, CPU seconds of this process) per call of `run`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(iterations):
+        run()
+    return (time.perf_counter() - wall) / iterations, (time.process_time() - cpu) / iterations
+
+
+def time_pair(forward, both, repeats: int, iterations: int) -> dict:
+    """`forward` against `both` (forward+backward), interleaved: median ms of each, and the median
+    of the per-repetition ratios by wall clock (`ratio`) and by CPU time (`cpu_ratio`). With
+    spinning thread pools off, CPU time counts the work done and not the time spent descheduled,
+    so `cpu_ratio` holds on a machine shared with other jobs, where `ratio` scatters."""
+    forward(), both()
+    forward_times, both_times = [], []
+    for _ in range(repeats):
+        forward_times.append(timed(forward, iterations))
+        both_times.append(timed(both, iterations))
+    f_wall, f_cpu = np.array(forward_times).T
+    b_wall, b_cpu = np.array(both_times).T
+    return {
+        "forward_ms": round(1e3 * float(np.median(f_wall)), 3),
+        "forward_backward_ms": round(1e3 * float(np.median(b_wall)), 3),
+        "ratio": round(float(np.median(b_wall / f_wall)), 2),
+        "cpu_ratio": round(float(np.median(b_cpu / f_cpu)), 2),
+        "ratios": [round(float(r), 2) for r in b_wall / f_wall],
+        "cpu_ratios": [round(float(r), 2) for r in b_cpu / f_cpu],
+    }
