@@ -329,7 +329,12 @@ fn flipped_weight(ctx: &mut Ctx, n: &NodeView, rank: usize) -> String {
     let ends = b.const_i64(&n.name("flip_ends"), &[rank as i64], &vec![i64::MIN; rank]);
     let axes = b.const_i64(&n.name("flip_axes"), &[rank as i64], &axes);
     let steps = b.const_i64(&n.name("flip_steps"), &[rank as i64], &vec![-1; rank]);
-    b.op("Slice", &[&swapped, &starts, &ends, &axes, &steps], vec![], &n.name("w_flipped"))
+    b.op(
+        "Slice",
+        &[&swapped, &starts, &ends, &axes, &steps],
+        vec![],
+        &n.name("w_flipped"),
+    )
 }
 
 /// dB = the sum of dY over the batch and the spatial axes.
