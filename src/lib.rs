@@ -20,6 +20,7 @@ pub mod report;
 mod sidecar;
 mod step;
 mod suggest;
+mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +36,7 @@ pub use plan::{
 };
 pub use sidecar::sidecar_path;
 pub use step::Optimizer;
+pub use train::{train, Length, Outcome, ScheduleKind, TrainOptions};
 
 /// Loads a model and normalises it.
 pub fn load(path: &Path, input_shape: Option<&[i64]>) -> Result<PreparedModel> {

@@ -2,12 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use kdgraph::{
-    report, Emit, Error, Objective, Optimizer, OptionKind, OptionValue, Pairing, PlanOptions,
-    Result, Term, TrainingStage,
+    report, Emit, Error, Length, Objective, Optimizer, OptionKind, OptionValue, Outcome, Pairing,
+    PlanOptions, Result, ScheduleKind, Term, TrainOptions, TrainingStage,
 };
 
 #[derive(Parser)]
@@ -51,6 +53,9 @@ enum Command {
         #[arg(short = 'o', long, value_name = "NPZ")]
         output: PathBuf,
     },
+    /// Train a merged graph on tract with the step graph `merge --emit step` wrote (no training
+    /// runtime), and write the trained student as an inference model.
+    Train(TrainArgs),
     /// Run a joint graph with tract on seeded inputs and print every loss term.
     Check {
         /// The joint graph written by `kdgraph merge`.
@@ -59,6 +64,65 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         batch: usize,
     },
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("length").args(["epochs", "steps"])))]
+struct TrainArgs {
+    /// The sidecar of the main stage (joint.json) written by `kdgraph merge --emit step`.
+    sidecar: PathBuf,
+    /// Training data: an .npz with `x` (N, C, H, W) float32 images and `y` (N,) int64 labels.
+    #[arg(long, value_name = "NPZ")]
+    data: PathBuf,
+    /// Validation data (same layout): the student's accuracy on it after every epoch.
+    #[arg(long, value_name = "NPZ")]
+    val: Option<PathBuf>,
+    /// Epochs of the main stage (an epoch: every whole batch of the data once) [default: 1].
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Steps of the main stage, instead of --epochs.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Steps of the init stage, where the graph has one [default: --steps, else the epochs the
+    /// sidecar prescribes].
+    #[arg(long)]
+    init_steps: Option<u64>,
+    /// Batch size (the last partial batch of an epoch is dropped).
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Learning-rate schedule over each stage's steps.
+    #[arg(long, value_enum, default_value_t = ScheduleChoice::Constant)]
+    schedule: ScheduleChoice,
+    /// Seed of the shuffle.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from this checkpoint (written every epoch and on Ctrl-C); give the same data,
+    /// --batch, --lr, --schedule and length as the run that wrote it.
+    #[arg(long, value_name = "NPZ")]
+    resume: Option<PathBuf>,
+    /// The trained student (an inference ONNX model).
+    #[arg(short = 'o', long, default_value = "student.onnx")]
+    output: PathBuf,
+    /// The checkpoint to write [default: <output>.ckpt.npz].
+    #[arg(long, value_name = "NPZ")]
+    checkpoint: Option<PathBuf>,
+    /// Also write every step's losses, learning rate and batch (and every validation) as JSON
+    /// lines to this file (appended to when resuming).
+    #[arg(long, value_name = "JSONL")]
+    log: Option<PathBuf>,
+    /// A progress line every this many steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ScheduleChoice {
+    Constant,
+    Cosine,
+    Step,
 }
 
 #[derive(clap::Args)]
@@ -368,6 +432,7 @@ fn run(command: Command, method_options: Vec<(String, OptionValue)>) -> Result<(
             Ok(())
         }
         Command::Merge(args) => merge(args, method_options),
+        Command::Train(args) => train(args),
         Command::Grad(args) => grad(args),
         Command::Run {
             model,
@@ -499,6 +564,67 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
     }
     Ok(())
 }
+
+fn train(args: TrainArgs) -> Result<()> {
+    let length = match (args.epochs, args.steps) {
+        (_, Some(steps)) => Length::Steps(steps),
+        (epochs, None) => Length::Epochs(epochs.unwrap_or(1)),
+    };
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        return Err(Error::usage("--lr must be a positive number"));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .map_err(|e| Error::io(format!("cannot handle Ctrl-C: {e}")))?;
+    let checkpoint = args
+        .checkpoint
+        .unwrap_or_else(|| args.output.with_extension("ckpt.npz"));
+    let options = TrainOptions {
+        sidecar: args.sidecar,
+        data: args.data,
+        val: args.val,
+        length,
+        init_steps: args.init_steps,
+        batch: args.batch,
+        lr: args.lr,
+        schedule: match args.schedule {
+            ScheduleChoice::Constant => ScheduleKind::Constant,
+            ScheduleChoice::Cosine => ScheduleKind::Cosine,
+            ScheduleChoice::Step => ScheduleKind::Step,
+        },
+        seed: args.seed,
+        resume: args.resume,
+        output: args.output,
+        checkpoint,
+        log: args.log,
+        log_every: args.log_every,
+        stop,
+    };
+    match kdgraph::train(&options)? {
+        Outcome::Finished { student, steps } => println!(
+            "wrote {} ({steps} steps trained); checkpoint {}",
+            student.display(),
+            options.checkpoint.display()
+        ),
+        Outcome::Interrupted {
+            checkpoint,
+            stage,
+            step,
+        } => {
+            println!(
+                "interrupted after step {step} of the {stage} stage; wrote {}: continue with --resume {}",
+                checkpoint.display(),
+                checkpoint.display()
+            );
+            std::process::exit(INTERRUPTED);
+        }
+    }
+    Ok(())
+}
+
+/// The exit code of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+const INTERRUPTED: i32 = 130;
 
 fn grad(args: GradArgs) -> Result<()> {
     let objective = match args.loss {

@@ -88,15 +88,15 @@ pub struct StateOutput {
 }
 
 /// One training stage in a sidecar's `stages`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageEntry {
-    pub name: &'static str,
+    pub name: String,
     pub model: String,
     pub sidecar: String,
     /// The reference's number of epochs for this stage, where it prescribes one.
     pub epochs: Option<u32>,
     /// Start from the parameters trained in this stage (matched by name).
-    pub carry_from: Option<&'static str>,
+    pub carry_from: Option<String>,
 }
 
 /// What a reader of a sidecar needs back: the hash and the inputs' roles.
@@ -134,7 +134,7 @@ impl StageFiles {
         let mut stages = Vec::new();
         if let Some((init, epochs)) = &self.init {
             stages.push(StageEntry {
-                name: TrainingStage::Init.name(),
+                name: TrainingStage::Init.name().into(),
                 model: init.clone(),
                 sidecar: sidecar(init),
                 epochs: Some(*epochs),
@@ -142,11 +142,14 @@ impl StageFiles {
             });
         }
         stages.push(StageEntry {
-            name: TrainingStage::Main.name(),
+            name: TrainingStage::Main.name().into(),
             model: self.main.clone(),
             sidecar: sidecar(&self.main),
             epochs: None,
-            carry_from: self.init.as_ref().map(|_| TrainingStage::Init.name()),
+            carry_from: self
+                .init
+                .as_ref()
+                .map(|_| TrainingStage::Init.name().into()),
         });
         stages
     }
@@ -181,4 +184,87 @@ pub fn read_for(model: &LoadedModel, bytes: &[u8]) -> Result<SidecarRoles> {
         )));
     }
     Ok(sidecar)
+}
+
+/// What a trainer reads back from a sidecar: its graph, the roles of its inputs and outputs, the
+/// stages to train, and the step graph written beside it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrainingSidecar {
+    pub model: String,
+    pub model_hash: String,
+    pub stage: String,
+    pub inputs: Vec<Role>,
+    pub outputs: Vec<Role>,
+    pub stages: Vec<StageEntry>,
+    pub step: Option<StepRead>,
+}
+
+/// The sidecar's `step` entry, as a trainer reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StepRead {
+    pub model: String,
+    pub model_hash: String,
+    pub carried: Vec<Carried>,
+}
+
+/// A stage as a trainer needs it: its sidecar, and its joint and step graphs' bytes (each checked
+/// against the hash the sidecar records).
+pub struct TrainingStageFiles {
+    pub sidecar: TrainingSidecar,
+    pub step: StepRead,
+    pub joint_path: PathBuf,
+    pub joint_bytes: Vec<u8>,
+    pub step_path: PathBuf,
+    pub step_bytes: Vec<u8>,
+}
+
+/// Reads the sidecar at `path` (a .json, or the .onnx beside it) and both graphs it names,
+/// refusing a sidecar without a step graph or whose graphs do not match its hashes.
+pub fn read_training(path: &Path) -> Result<TrainingStageFiles> {
+    let json = sidecar_path(path);
+    let shown = json.display();
+    let text = std::fs::read_to_string(&json)
+        .map_err(|e| Error::io(format!("cannot read the sidecar `{shown}`: {e}")))?;
+    let sidecar: TrainingSidecar = serde_json::from_str(&text).map_err(|e| {
+        Error::invalid_model(format!(
+            "`{shown}` is not a sidecar written by `kdgraph merge` ({e}); run kdgraph merge again"
+        ))
+    })?;
+    let step = sidecar.step.clone().ok_or_else(|| {
+        Error::usage(format!(
+            "`{shown}` lists no step graph; run `kdgraph merge ... --emit step` to write one"
+        ))
+    })?;
+    let folder = json.parent().unwrap_or(Path::new("."));
+    let joint_path = folder.join(&sidecar.model);
+    let joint_bytes = read_matching(&joint_path, &sidecar.model_hash, &json)?;
+    let step_path = folder.join(&step.model);
+    let step_bytes = read_matching(&step_path, &step.model_hash, &json)?;
+    Ok(TrainingStageFiles {
+        sidecar,
+        step,
+        joint_path,
+        joint_bytes,
+        step_path,
+        step_bytes,
+    })
+}
+
+/// The bytes of `path`, which the sidecar `json` records with hash `hash`.
+fn read_matching(path: &Path, hash: &str, json: &Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::io(format!(
+            "cannot read `{}`, named by `{}`: {e}; keep the files `kdgraph merge` wrote together",
+            path.display(),
+            json.display()
+        ))
+    })?;
+    if crate::onnx::io::content_hash(&bytes) != hash {
+        return Err(Error::invalid_model(format!(
+            "`{}` and `{}` come from different merges (an interrupted merge?); run kdgraph merge again",
+            path.display(),
+            json.display()
+        )));
+    }
+    Ok(bytes)
 }

@@ -13,6 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["plan", "autodiff", "step"],
     &["methods", "sidecar"],
     &["joint", "gradient", "check", "report"],
+    &["train"],
     &["exercise"],
 ];
 

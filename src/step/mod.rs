@@ -8,7 +8,7 @@ mod optimizer;
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::onnx::builder::GraphBuilder;
@@ -23,13 +23,22 @@ pub const LR: &str = "lr";
 pub const STEP: &str = "step";
 
 /// A value the step graph reads and writes back: fed as `input`, returned as `output`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Carried {
     pub input: String,
     pub output: String,
-    /// What it starts as: `initializer` (the joint graph's initializer of the same name) or `zeros`.
-    pub initial: &'static str,
+    pub initial: Initial,
     pub dims: Vec<i64>,
+}
+
+/// What a carried value starts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Initial {
+    /// The joint graph's initializer of the same name (parameters, running statistics).
+    Initializer,
+    /// Zeros of its dims (optimizer moments).
+    Zeros,
 }
 
 /// A step graph and what it carries from step to step.
@@ -96,7 +105,7 @@ pub fn append_step(
         carried.push(Carried {
             input: parameter.clone(),
             output: next.clone(),
-            initial: "initializer",
+            initial: Initial::Initializer,
             dims: shape.clone(),
         });
         new_outputs.push((next, shape.clone()));
@@ -104,7 +113,7 @@ pub fn append_step(
             carried.push(Carried {
                 input: moment,
                 output: moment_next.clone(),
-                initial: "zeros",
+                initial: Initial::Zeros,
                 dims: shape.clone(),
             });
             new_outputs.push((moment_next, shape.clone()));
@@ -114,7 +123,7 @@ pub fn append_step(
         carried.push(Carried {
             input: statistic.clone(),
             output: next.clone(),
-            initial: "initializer",
+            initial: Initial::Initializer,
             dims: dims[statistic].clone(),
         });
     }
@@ -152,7 +161,7 @@ pub fn first_step_values(
         let count = dims.iter().product();
         let data = initializers
             .get(c.input.as_str())
-            .filter(|_| c.initial == "initializer")
+            .filter(|_| c.initial == Initial::Initializer)
             .and_then(|t| proto::float_values(t))
             .unwrap_or_else(|| vec![0.0; count]);
         if let Ok(tensor) = Tensor::from_shape(&dims, &data) {
