@@ -523,7 +523,9 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
             })
             .collect();
         let summary = serde_json::json!({
-            "output": args.output, "sidecar": sidecar, "check_batch": check, "check": runs,
+            "plan": merge.plan, "output": args.output, "sidecar": sidecar,
+            "written": written_files(&written, &emit, args.dot.as_deref()),
+            "check_batch": check, "check": runs,
         });
         println!(
             "{}",
@@ -625,6 +627,25 @@ fn train(args: TrainArgs) -> Result<()> {
 
 /// The exit code of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
 const INTERRUPTED: i32 = 130;
+
+/// Every file a merge wrote: each stage's graph and sidecar, its gradient or step graph, the DOT file.
+fn written_files(
+    written: &[kdgraph::WrittenStage],
+    emit: &Emit,
+    dot: Option<&std::path::Path>,
+) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for w in written {
+        files.extend([w.graph.clone(), w.sidecar.clone()]);
+        match emit {
+            Emit::Joint => {}
+            Emit::Gradients => files.push(kdgraph::gradient_path(&w.graph)),
+            Emit::Step(_) => files.push(kdgraph::step_path(&w.graph)),
+        }
+    }
+    files.extend(dot.map(PathBuf::from));
+    files
+}
 
 fn grad(args: GradArgs) -> Result<()> {
     let objective = match args.loss {

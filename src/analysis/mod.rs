@@ -73,6 +73,9 @@ pub struct ModelAnalysis {
     /// Number of BatchNormalization nodes (0 means folded away or absent).
     #[serde(skip)]
     pub batchnorms: usize,
+    /// Number of other normalisations (LayerNorm, GroupNorm, InstanceNorm), as nodes or written out.
+    #[serde(skip)]
+    pub other_norms: usize,
     /// The BatchNorm behind each tensor that is a BatchNorm's output or a sum with one (a
     /// residual block's pre-ReLU point), with its constant scale and shift.
     #[serde(skip)]
@@ -221,6 +224,7 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         logits: info(&found.logits),
         notes,
         batchnorms,
+        other_norms: other_normalisations(graph),
         batchnorm_outputs: batchnorm_outputs(graph, &flow),
         opset,
         ir_version,
@@ -233,6 +237,29 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
             .collect(),
         shapes,
     })
+}
+
+/// LayerNormalization, GroupNormalization and InstanceNormalization nodes, plus each mean-centring
+/// `Sub(x, ReduceMean(x))`: the start of a normalisation written out in plain operators (LayerNorm
+/// before opset 17, and as kdgraph rewrites it for ORT Training).
+fn other_normalisations(graph: &pb::GraphProto) -> usize {
+    let means: HashMap<&str, &str> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "ReduceMean" && !n.input.is_empty() && !n.output.is_empty())
+        .map(|n| (n.output[0].as_str(), n.input[0].as_str()))
+        .collect();
+    graph
+        .node
+        .iter()
+        .filter(|n| match n.op_type.as_str() {
+            "LayerNormalization" | "GroupNormalization" | "InstanceNormalization" => true,
+            "Sub" => {
+                n.input.len() == 2 && means.get(n.input[1].as_str()) == Some(&n.input[0].as_str())
+            }
+            _ => false,
+        })
+        .count()
 }
 
 /// Every BatchNorm output with constant parameters, and every Add that sums one (the pre-ReLU

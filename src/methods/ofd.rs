@@ -124,8 +124,8 @@ fn margin_sources(pairs: &[&TapPair]) -> (Vec<String>, Vec<String>) {
             format!(
                 "ofd: {estimated} of {} stages estimate their margins from the batch, since the teacher's BatchNorms \
                  were folded at export; clovaai's margins come from those BatchNorms: export the teacher keeping them, \
-                 torch.onnx.export(teacher.eval(), (x,), path, dynamo=True, optimize=False) (kdgraph folds them itself \
-                 in the joint graph)",
+                 kdgraph.export_teacher(teacher, x, path) from the Python package, or torch.onnx.export(teacher.eval(), \
+                 (x,), path, dynamo=True, optimize=False) (kdgraph folds them itself in the joint graph)",
                 pairs.len()
             )
         })

@@ -284,10 +284,12 @@ pub fn plan(
         notes.push("teacher and student name their inputs differently: the teacher reads the student's inputs".into());
     }
     let mut warnings = Vec::new();
-    if student.batchnorms == 0 {
+    if student.batchnorms == 0 && student.other_norms == 0 {
         warnings.push(format!(
-            "student `{}` has no BatchNormalization, so it will train without normalisation; if its BatchNorms \
-             were folded away at export, re-export it in training mode: torch.onnx.export(model.train(), ..., \
+            "student `{}` has no normalisation (BatchNorm, LayerNorm, GroupNorm), so it will train without any; \
+             if its BatchNorms were folded away at export (an eval-mode export, or torch.export's default \
+             optimisation even in training mode), re-export it with kdgraph.export_student(model, x, path) from \
+             the Python package, or torch.onnx.export(copy.deepcopy(model).train(), (x,), path, dynamo=False, \
              training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)",
             student.model
         ));
