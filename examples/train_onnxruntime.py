@@ -160,13 +160,13 @@ class StepRunner:
     """The step graph in an InferenceSession, its carried values in two buffer sets on `device`
     that swap after every step (IOBinding: nothing is copied to the host but the losses)."""
 
-    def __init__(self, sidecar, values, device="cpu"):
+    def __init__(self, sidecar, values, fixed, device="cpu"):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise TrainingError("--device cuda needs onnxruntime-gpu (pip install onnxruntime-gpu)")
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(sidecar["step_path"]), options, providers=providers)
+        self.session = ort.InferenceSession(step_model(sidecar, fixed), options, providers=providers)
         self.device = device
         self.carried = sidecar["step"]["carried"]
         self.terms = [o["name"] for o in sidecar["outputs"] if o["role"] in ("loss", "term")]
@@ -201,6 +201,18 @@ class StepRunner:
         """Every carried value, copied to the host, by input name (on the CPU, numpy() is a view of
         memory the runner frees, hence the copy)."""
         return {c["input"]: value.numpy().copy() for c, value in zip(self.carried, self.current)}
+
+
+def step_model(sidecar, fixed):
+    """The step graph (its path, or its bytes with `fixed` written over its initializers: what an
+    earlier stage trained and this one keeps frozen, such as FT's paraphraser)."""
+    if not fixed:
+        return str(sidecar["step_path"])
+    model = onnx.load(str(sidecar["step_path"]))
+    for tensor in model.graph.initializer:
+        if tensor.name in fixed:
+            tensor.CopyFrom(numpy_helper.from_array(fixed[tensor.name], tensor.name))
+    return model.SerializeToString()
 
 
 # --------------------------------------------------------------------------- the student
@@ -284,7 +296,9 @@ def train_stage(args, index, sidecar, is_main, carried_over, data, log):
     x, y = data
     per_epoch = len(y) // args.batch
     steps = stage_steps(args, sidecar, is_main, per_epoch)
-    runner = StepRunner(sidecar, initial_values(sidecar, carried_over), args.device)
+    carried = {c["input"] for c in sidecar["step"]["carried"]}
+    fixed = {name: value for name, value in carried_over.items() if name not in carried}
+    runner = StepRunner(sidecar, initial_values(sidecar, carried_over), fixed, args.device)
     shuffle, order, since = Shuffle(args.seed + index), None, time.perf_counter()
     for step in range(1, steps + 1):
         epoch, position = divmod(step - 1, per_epoch)
@@ -303,7 +317,7 @@ def train_stage(args, index, sidecar, is_main, carried_over, data, log):
             print(f"{sidecar['stage']} step {step}/{steps} epoch {epoch + 1}  {shown}  lr {lr:.3e}  "
                   f"{images / (time.perf_counter() - since):.1f} images/s", flush=True)
             since = time.perf_counter()
-    values = runner.values()
+    values = {**runner.values(), **fixed}  # a checkpoint holds the fixed values too
     # As kdgraph train records it: the shuffle's state at the start of the epoch of the next step.
     resume_state = shuffle.state if steps % per_epoch == 0 else epoch_start
     progress = {"stage": index, "step": steps, "epoch": steps // per_epoch, "shuffle_state": resume_state,

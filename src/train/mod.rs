@@ -10,7 +10,7 @@ mod schedule;
 mod session;
 mod validate;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use std::time::Instant;
 use tract_onnx::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::onnx::builder::float_tensor;
 use crate::onnx::{io, pb, proto};
 use crate::sidecar::{read_training, TrainingStageFiles};
 use crate::step::{Carried, Initial};
@@ -337,22 +338,31 @@ impl Trainer<'_> {
         let joint = decode(&stage.joint_bytes, &stage.joint_path)?;
         let per_epoch = (self.data.len() / options.batch) as u64;
         let steps = self.stage_steps(stage, is_main, per_epoch);
-        let (mut values, done, shuffle) = match resume {
+        // `fixed`: what an earlier stage trained that this one keeps frozen (FT's paraphraser):
+        // initializers of this stage's step graph, saved with every checkpoint.
+        let (mut values, done, shuffle, fixed) = match resume {
             Some(mut r) => (
                 checkpoint::take_values(&mut r.arrays, carried, &r.path)?,
                 r.progress.step,
                 Shuffle {
                     state: r.progress.shuffle_state,
                 },
+                r.arrays.into_iter().collect(),
             ),
             None => (
                 initial_values(&joint, carried, carried_over, &stage.joint_path)?,
                 0,
                 Shuffle::seeded(options.seed.wrapping_add(index as u64)),
+                carried_over
+                    .iter()
+                    .filter(|(name, _)| carried.iter().all(|c| c.input != **name))
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect(),
             ),
         };
         let step_shown = stage.step_path.display().to_string();
-        let step_model = decode(&stage.step_bytes, &stage.step_path)?;
+        let mut step_model = decode(&stage.step_bytes, &stage.step_path)?;
+        replace_initializers(&mut step_model, &fixed)?;
         let mut session = StepSession::open(
             &step_model,
             &stage.sidecar,
@@ -410,7 +420,7 @@ impl Trainer<'_> {
                     batch: options.batch,
                     samples: self.data.len(),
                 };
-                checkpoint::save(&options.checkpoint, carried, &values, &progress)?;
+                checkpoint::save(&options.checkpoint, carried, &values, &fixed, &progress)?;
             }
             if stopping && step < steps {
                 return Ok(StageEnd::Stopped { step });
@@ -585,6 +595,26 @@ fn trained_parameters(carried: &[Carried], values: Vec<Tensor>) -> HashMap<Strin
         .filter(|(c, _)| c.initial == Initial::Initializer)
         .map(|(c, v)| (c.input.clone(), v))
         .collect()
+}
+
+/// Replaces the float32 initializers of `model` that `values` names by those values.
+fn replace_initializers(
+    model: &mut pb::ModelProto,
+    values: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let graph = model.graph.as_mut().expect("decoded models have graphs");
+    for initializer in graph.initializer.iter_mut() {
+        if let Some(value) = values.get(&initializer.name) {
+            let data: Vec<f32> = value
+                .to_plain_array_view::<f32>()
+                .map_err(|e| Error::invalid_model(format!("value of `{}`: {e}", initializer.name)))?
+                .iter()
+                .copied()
+                .collect();
+            *initializer = float_tensor(&initializer.name, &initializer.dims, &data);
+        }
+    }
+    Ok(())
 }
 
 fn decode(bytes: &[u8], path: &Path) -> Result<pb::ModelProto> {

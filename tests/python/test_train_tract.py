@@ -178,9 +178,10 @@ def assert_same_training(a, b):
     assert sorted(first) == sorted(second)
     for name in first:
         assert relative_error(second[name], first[name]) <= RESUME_RTOL, name
-    losses = {line["step"]: line["loss"] for line in read_log(a / "log.jsonl") if "step" in line}
+    losses = {(line["stage"], line["step"]): line["loss"] for line in read_log(a / "log.jsonl") if "step" in line}
     for line in read_log(b / "log.jsonl"):
-        assert line["loss"] == pytest.approx(losses[line["step"]], rel=RESUME_RTOL), f"step {line['step']}"
+        key = (line["stage"], line["step"])
+        assert line["loss"] == pytest.approx(losses[key], rel=RESUME_RTOL), key
 
 
 def test_resume_continues_exactly(kdgraph_bin, joint, data, straight, tmp_path):
@@ -322,3 +323,25 @@ def test_onnxruntime_example_trains_the_same_steps(kdgraph_bin, joint, data, str
     resumed = train(kdgraph_bin, joint, data, tmp_path / "resumed", "--steps", str(steps + 1),
                     "--resume", str(tmp_path / "student.ckpt.npz"))
     assert "1 steps trained" in resumed.stdout
+
+
+# --------------------------------------------------------------------------- init stage
+
+
+def test_init_stage_trains_first_and_its_frozen_result_survives_resume(kdgraph_bin, merge, data, tmp_path):
+    """FT: the init stage trains the paraphraser, which the main stage keeps frozen (an initializer
+    of its step graph): it reaches the main stage and every main-stage checkpoint."""
+    teacher, student = PAIRS[COMMITTED]
+    ft = merge(teacher, student, ["ft"], "--emit", "step")
+    straight_run, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(kdgraph_bin, ft, data, straight_run, "--init-steps", "3", "--steps", "4")
+    assert [(line["stage"], line["step"]) for line in read_log(straight_run / "log.jsonl")] == \
+        [("init", 1), ("init", 2), ("init", 3), ("main", 1), ("main", 2), ("main", 3), ("main", 4)]
+    saved = checkpoint(straight_run / "student.ckpt.npz")
+    paraphraser = [n for n in saved if "teacher_paraphraser/" in n]
+    assert paraphraser, "the main stage's checkpoint lacks the paraphraser trained in the init stage"
+    untrained = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ft)).graph.initializer}
+    assert not np.allclose(saved[paraphraser[0]], untrained[paraphraser[0]])
+    train(kdgraph_bin, ft, data, resumed, "--init-steps", "3", "--steps", "2")
+    train(kdgraph_bin, ft, data, resumed, "--init-steps", "3", "--steps", "4", "--resume", str(resumed / "student.ckpt.npz"))
+    assert_same_training(straight_run, resumed)
