@@ -82,6 +82,9 @@ pub fn train(options: &TrainOptions) -> Result<Outcome> {
         return Err(Error::usage("--batch and --log-every must be at least 1"));
     }
     let stages = read_stages(&options.sidecar)?;
+    for stage in &stages {
+        check_feedable(stage)?;
+    }
     let main = stages.last().expect("a sidecar lists its main stage");
     let shown = main.joint_path.display().to_string();
     let image = session::image_role(&main.sidecar, &shown)?;
@@ -134,6 +137,28 @@ fn read_stages(sidecar: &Path) -> Result<Vec<TrainingStageFiles>> {
     }
     stages.push(main);
     Ok(stages)
+}
+
+/// Refuses a stage whose graph takes inputs besides the images and labels (CRD's indices and
+/// memories), before anything is read or written.
+fn check_feedable(stage: &TrainingStageFiles) -> Result<()> {
+    match stage
+        .sidecar
+        .inputs
+        .iter()
+        .find(|i| i.role != "image" && i.role != "labels")
+    {
+        Some(input) if input.name.starts_with("kd/crd/") => Err(Error::unsupported(
+            "kdgraph train does not feed CRD yet; use examples/train_ort.py",
+        )),
+        Some(input) => Err(Error::unsupported(format!(
+            "`{}` takes an input `{}` ({}) that kdgraph train does not know how to feed; train it with examples/train_ort.py",
+            stage.joint_path.display(),
+            input.name,
+            input.role
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The student's class count: the bound the sidecar records for the labels.
@@ -267,7 +292,7 @@ impl Batches {
     /// of step `done + 1`.
     fn resume_state(&self, done: u64) -> u64 {
         match &self.epoch {
-            Some((_, start, _)) if done % self.per_epoch != 0 => *start,
+            Some((_, start, _)) if !done.is_multiple_of(self.per_epoch) => *start,
             _ => self.shuffle.state,
         }
     }

@@ -345,3 +345,19 @@ def test_init_stage_trains_first_and_its_frozen_result_survives_resume(kdgraph_b
     train(kdgraph_bin, ft, data, resumed, "--init-steps", "3", "--steps", "2")
     train(kdgraph_bin, ft, data, resumed, "--init-steps", "3", "--steps", "4", "--resume", str(resumed / "student.ckpt.npz"))
     assert_same_training(straight_run, resumed)
+
+
+@pytest.mark.parametrize("methods,extra,code,expected", [
+    # A usage error (exit 2): the sidecar of a merge without --emit step.
+    (["kd"], [], 2, "lists no step graph; run `kdgraph merge ... --emit step`"),
+    (["crd"], ["--crd-n-data", str(SAMPLES), "--emit", "step"], 1, "kdgraph train does not feed CRD yet; use examples/train_ort.py"),
+], ids=["no step graph", "crd"])
+def test_graphs_it_cannot_train_are_refused_on_one_line(kdgraph_bin, merge, data, tmp_path, methods, extra, code, expected):
+    teacher, student = PAIRS[COMMITTED]
+    joint = merge(teacher, student, methods, *extra)
+    out = tmp_path / "out"
+    result = train(kdgraph_bin, joint, data, out, "--steps", "2", check=False)
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert list(out.iterdir()) == []
