@@ -367,7 +367,16 @@ impl Trainer<'_> {
         // initializers of this stage's step graph, saved with every checkpoint.
         let (mut values, done, shuffle, fixed) = match resume {
             Some(mut r) => (
-                checkpoint::take_values(&mut r.arrays, carried, &r.path)?,
+                {
+                    println!(
+                        "resuming the {} stage after step {} (epoch {}) from {}",
+                        stage.sidecar.stage,
+                        r.progress.step,
+                        r.progress.epoch,
+                        r.path.display()
+                    );
+                    checkpoint::take_values(&mut r.arrays, carried, &r.path)?
+                },
                 r.progress.step,
                 Shuffle {
                     state: r.progress.shuffle_state,
