@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of kdgraph: the Rust suite, then the Python suite (PyTorch references, ORT Training).
-# Creates the pinned Python environment in .venv when it is missing or out of date.
+# Runs every test of kdgraph: the Rust suite, the Python suite (PyTorch references, ORT Training), then
+# the stock-onnxruntime suite, which judges the gradient graphs against the references the Python suite
+# wrote. Creates the pinned Python environments (.venv, .venv-ort) when missing or out of date.
+# Arguments go to the main Python suite; KDGRAPH_HEAVY=1 adds the heavy gradient checks to both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,4 +13,9 @@ if ! command -v strace >/dev/null && [ "$(id -u)" = 0 ]; then
 fi
 cargo build --locked --features fuzz-harness
 cargo test --locked --features fuzz-harness
-KDGRAPH_BIN="$PWD/target/debug/kdgraph" .venv/bin/python -m pytest -q tests/python "$@"
+export KDGRAPH_BIN="$PWD/target/debug/kdgraph"
+# Both Python suites run even when the first fails; the exit status is the first failure's.
+status=0
+.venv/bin/python -m pytest -q tests/python "$@" || status=$?
+.venv-ort/bin/python -m pytest -q tests/python_ort || { s=$?; [ "$status" != 0 ] || status=$s; }
+exit "$status"

@@ -53,6 +53,9 @@ pub fn classifier_gradients(
     let mut proto = model.loaded.proto.clone();
     let opset = proto::onnx_opset(&proto);
     let graph = proto.graph.as_mut().expect("prepared models have graphs");
+    // Exporters' value_info are hints that name the batch `batch`; tract refuses to unify such
+    // a symbol with a concrete batch when it runs the graph, and inference finds the shapes anyway.
+    graph.value_info.clear();
     let notes: Vec<String> = ort_forms::rewrite_for_ort_training(graph, opset)
         .into_iter()
         .map(|r| format!("`{shown}`: {r}"))

@@ -385,8 +385,12 @@ pub fn write_gradients(
 pub fn run_model(model: &Path, inputs: &Path, output: &Path) -> Result<Vec<String>> {
     onnx::io::ensure_not_an_input(output, &[model, inputs])?;
     check_output_folder(output)?;
-    let loaded = load_model(model)?;
+    let mut loaded = load_model(model)?;
     let shown = loaded.display();
+    // value_info are hints; a symbolic batch in them conflicts with the concrete one fed here.
+    if let Some(graph) = loaded.proto.graph.as_mut() {
+        graph.value_info.clear();
+    }
     let mut given = arrays::read_npz(inputs)?;
     let fed = check::fed_inputs(&loaded.proto, &shown)?;
     let mut values = Vec::with_capacity(fed.len());

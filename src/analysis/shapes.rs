@@ -48,6 +48,8 @@ pub fn fixed(dim: &Dim) -> Option<i64> {
 pub struct TensorFacts {
     pub shape: Option<Shape>,
     pub elem_type: Option<i32>,
+    /// The values of a small integer tensor that inference computed (axes, shapes).
+    pub ints: Option<Vec<i64>>,
 }
 
 /// Runs tract's shape inference on a (normalised) model and returns the known shapes by tensor name.
@@ -90,9 +92,32 @@ fn tract_facts(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Te
             .concretize()
             .map(|dims| dims.iter().map(to_dim).collect());
         let elem_type = fact.datum_type.concretize().and_then(onnx_elem_type);
-        facts.insert(name.clone(), TensorFacts { shape, elem_type });
+        let ints = fact.value.concretize().and_then(|t| small_ints(&t));
+        facts.insert(
+            name.clone(),
+            TensorFacts {
+                shape,
+                elem_type,
+                ints,
+            },
+        );
     }
     Ok(facts)
+}
+
+/// The values of an integer tensor of at most 64 elements.
+fn small_ints(tensor: &Tensor) -> Option<Vec<i64>> {
+    if !tensor.datum_type().is_integer() || tensor.len() > 64 {
+        return None;
+    }
+    let cast = tensor.cast_to::<i64>().ok()?;
+    Some(
+        cast.to_plain_array_view::<i64>()
+            .ok()?
+            .iter()
+            .copied()
+            .collect(),
+    )
 }
 
 fn onnx_elem_type(datum: DatumType) -> Option<i32> {

@@ -153,8 +153,12 @@ impl<'a> Ctx<'a> {
     }
 
     /// The values of an int64 constant (initializer or Constant node), if `tensor` is one.
+    /// Where `tensor` is computed from constants (torch.export's unoptimised graphs), the values
+    /// tract's inference found.
     pub fn const_ints(&self, tensor: &str) -> Option<Vec<i64>> {
-        let t = self.constants.get(tensor)?;
+        let Some(t) = self.constants.get(tensor) else {
+            return self.facts.get(tensor).and_then(|f| f.ints.clone());
+        };
         if t.data_type != pb::tensor_proto::DataType::Int64 as i32 {
             return None;
         }

@@ -27,6 +27,8 @@ for _path in (HERE, ROOT / "examples"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from kdgraph_binary import find_kdgraph_bin  # noqa: E402  (re-exported: test_suite_setup)
+
 
 def _load_make_fixtures():
     spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
@@ -36,23 +38,6 @@ def _load_make_fixtures():
 
 
 mf = _load_make_fixtures()
-
-
-def find_kdgraph_bin(environ=os.environ, root: Path = ROOT) -> Tuple[Path | None, str]:
-    """(the kdgraph binary under test, why none was found): $KDGRAPH_BIN when it is set (and then
-    only it: a wrong path is an error, not a reason to test another build), else target/debug/kdgraph,
-    the build `cargo build` and scripts/test.sh make. Never target/release: it may be older than the
-    code under test."""
-    given = environ.get("KDGRAPH_BIN")
-    if given:
-        path = Path(given)
-        if path.is_file():
-            return path, ""
-        return None, f"KDGRAPH_BIN={given} is not a file; point it at the kdgraph binary to test"
-    path = root / "target" / "debug" / "kdgraph"
-    if path.is_file():
-        return path, ""
-    return None, f"kdgraph binary not found: set KDGRAPH_BIN, or run `cargo build` (for {path})"
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
+import kd_reference as R
 import train_ort
 from conftest import fixture_path, mf
 
@@ -175,6 +176,45 @@ def artifacts_factory(tmp_path_factory) -> Callable[[Joint], Path]:
 def new_stage(j: Joint, workdir: Path, lr: float = LR) -> train_ort.Stage:
     """A fresh ORT Training module and optimizer over already generated artifacts."""
     return train_ort.Stage(j.sidecar, workdir, lr=lr, generated=True)
+
+
+# --------------------------------------------------------------------------- CRD and feeds
+
+# CRD with a small memory (N = 64 samples) and K = 16 negatives.
+CRD_N, CRD_K = 64, 16
+CRD_ARGS = ("--crd-n-data", str(CRD_N), "--crd-negatives", str(CRD_K))
+
+
+def merge_args(method: str) -> Tuple[str, ...]:
+    return CRD_ARGS if method == "crd" else ()
+
+
+def crd_feeds(j: Joint, batch: int, seed: int = 0, z=(-1.0, -1.0)) -> Dict[str, np.ndarray]:
+    """CRD's state inputs: dataset indices, contrast indices (column 0 the sample, then K distinct
+    other samples), RepDistiller-initialised memories and Z (negative: estimate from this batch)."""
+    hyper = j.sidecar["hyper"]["crd"]
+    n, k = hyper["n_data"], hyper["negatives"]
+    rng = np.random.RandomState(seed + 500)
+    index = rng.choice(n, batch, replace=False)
+    contrast = np.stack([np.concatenate([[i], rng.choice(np.delete(np.arange(n), i), k, replace=False)]) for i in index])
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "kd/crd/index": index.astype(np.int64),
+        "kd/crd/contrast_index": contrast.astype(np.int64),
+        "kd/crd/memory_student": R.crd_init_memory(n, hyper["feat_dim"], generator, torch.float32).numpy(),
+        "kd/crd/memory_teacher": R.crd_init_memory(n, hyper["feat_dim"], generator, torch.float32).numpy(),
+        "kd/crd/z": np.asarray(z, np.float32),
+    }
+
+
+def graph_feeds(j: Joint, batch: int, seed: int = 0, images: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Every input of the stage graph `j`: images, labels (main stage), CRD state."""
+    feeds = {"input": image_batch(batch, seed) if images is None else images}
+    if j.stage_name == "main":
+        feeds["labels"] = label_batch(batch, seed)
+    if "crd" in j.methods:
+        feeds.update(crd_feeds(j, batch, seed))
+    return feeds
 
 
 # --------------------------------------------------------------------------- onnxruntime

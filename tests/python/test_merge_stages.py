@@ -42,22 +42,19 @@ import kd_reference as R
 import train_ort
 from conftest import ROOT, fixture_path, mf
 from merge_checks import (
-    COMMITTED, FID_RTOL, FIDELITY_BATCH, FIDELITY_PAIRS, GRAD_RTOL, PAIRS, TRAIN_BATCH, Joint,
+    COMMITTED, CRD_ARGS, CRD_K, CRD_N, FID_RTOL, FIDELITY_BATCH, FIDELITY_PAIRS, GRAD_RTOL, PAIRS, TRAIN_BATCH, Joint,
     artifacts_factory, assert_finite_step, check_graph_contract, check_ort_training, check_taps_match_torch,
-    compare_terms, first_student_conv_weight, float64_terms, image_batch, joint_factory, label_batch, linear_weight, loss_subgraph,
-    new_stage, relative_error, run_with_taps, session_options, torch_taps,
+    compare_terms, crd_feeds, first_student_conv_weight, float64_terms, graph_feeds, image_batch, joint_factory,
+    label_batch, linear_weight, loss_subgraph, merge_args, new_stage, relative_error, run_with_taps, session_options,
+    torch_taps,
 )
 
 METHODS = ["vid", "ab", "ft", "fsp", "crd", "ofd"]
 INIT_METHODS = {"ab", "ft", "fsp"}
-# Methods whose main stage has no term of their own (CE, + KD with alpha > 0).
-NO_MAIN_TERM = {"ab", "fsp"}
-
-# CRD with a small memory (N = 64 samples) and K = 16 negatives.
-CRD_N, CRD_K = 64, 16
-CRD_ARGS = ("--crd-n-data", str(CRD_N), "--crd-negatives", str(CRD_K))
 CRD_INPUTS = ["kd/crd/index", "kd/crd/contrast_index", "kd/crd/memory_student", "kd/crd/memory_teacher", "kd/crd/z"]
 CRD_STATE_OUTPUTS = ["kd/crd/memory_student_next", "kd/crd/memory_teacher_next", "kd/crd/z_next"]
+# Methods whose main stage has no term of their own (CE, + KD with alpha > 0).
+NO_MAIN_TERM = {"ab", "fsp"}
 
 # FSP needs equal channel counts position by position: resnet56 / resnet20 (16, 16, 32, 64) and
 # resnet32x4 / resnet8x4 (32, 64, 128, 256); vgg13_bn / mobile_half is the mismatched pair.
@@ -69,10 +66,6 @@ RESIZING_PAIR = "wrn_40_2-ShuffleV2"
 RESIZING_METHODS = ["vid", "ab", "ft"]
 # `--gamma 0`: the method's term without CE (for gradients and for a term that must fall in training).
 GAMMA0 = ("--gamma", "0")
-
-
-def merge_args(method: str) -> Tuple[str, ...]:
-    return CRD_ARGS if method == "crd" else ()
 
 
 def fidelity_pairs(method: str) -> List[str]:
@@ -97,37 +90,6 @@ def artifacts(tmp_path_factory):
 
 def stage_joint(joint, pair: str, method: str, stage: str, *extra: str) -> Joint:
     return joint(pair, method, *merge_args(method), *extra).stage(stage)
-
-
-# --------------------------------------------------------------------------- feeds
-
-
-def crd_feeds(j: Joint, batch: int, seed: int = 0, z=(-1.0, -1.0)) -> Dict[str, np.ndarray]:
-    """CRD's state inputs: dataset indices, contrast indices (column 0 the sample, then K distinct
-    other samples), RepDistiller-initialised memories and Z (negative: estimate from this batch)."""
-    hyper = j.sidecar["hyper"]["crd"]
-    n, k = hyper["n_data"], hyper["negatives"]
-    rng = np.random.RandomState(seed + 500)
-    index = rng.choice(n, batch, replace=False)
-    contrast = np.stack([np.concatenate([[i], rng.choice(np.delete(np.arange(n), i), k, replace=False)]) for i in index])
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "kd/crd/index": index.astype(np.int64),
-        "kd/crd/contrast_index": contrast.astype(np.int64),
-        "kd/crd/memory_student": R.crd_init_memory(n, hyper["feat_dim"], generator, torch.float32).numpy(),
-        "kd/crd/memory_teacher": R.crd_init_memory(n, hyper["feat_dim"], generator, torch.float32).numpy(),
-        "kd/crd/z": np.asarray(z, np.float32),
-    }
-
-
-def graph_feeds(j: Joint, batch: int, seed: int = 0, images: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
-    """Every input of the stage graph `j`: images, labels (main stage), CRD state."""
-    feeds = {"input": image_batch(batch, seed) if images is None else images}
-    if j.stage_name == "main":
-        feeds["labels"] = label_batch(batch, seed)
-    if "crd" in j.methods:
-        feeds.update(crd_feeds(j, batch, seed))
-    return feeds
 
 
 # --------------------------------------------------------------------------- the reference
