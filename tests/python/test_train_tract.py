@@ -6,7 +6,8 @@ final weights; (2) the exported student runs in onnxruntime, holds the updated r
 statistics, and gives the logits of the joint graph with the trained weights; (3) 10 steps and a
 resume of 10 more are 20 straight steps, also when the first run is stopped by Ctrl-C; a run
 killed with SIGKILL leaves a checkpoint that loads; (4) bad data fails on one `error:` line,
-exit 1, and writes nothing."""
+exit 1, and writes nothing. tests/python_ort/test_train_onnxruntime.py runs the exported student
+and examples/train_onnxruntime.py on stock onnxruntime."""
 
 import json
 import signal
@@ -20,7 +21,6 @@ import pytest
 from onnx import numpy_helper
 
 from grad_check import relative_error
-from conftest import ROOT
 from merge_checks import COMMITTED, PAIRS, session_options
 
 BATCH = 4
@@ -274,55 +274,6 @@ def test_bad_data_is_refused_on_one_line(kdgraph_bin, joint, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0], lines[0]
     assert list(out.iterdir()) == [], "a refused run wrote files"
-
-
-# --------------------------------------------------------------------------- stock onnxruntime
-
-
-def stock_python():
-    """.venv-ort's python (stock onnxruntime, numpy, onnx: scripts/python-env.sh makes it)."""
-    python = ROOT / ".venv-ort" / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"{python} not found: run scripts/python-env.sh", pytrace=False)
-    return python
-
-
-def test_exported_student_runs_on_stock_onnxruntime(straight, data):
-    script = (
-        "import sys, numpy as np, onnxruntime as ort\n"
-        "x = np.load(sys.argv[2])['x'][:4]\n"
-        "logits = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']).run(None, {'input': x})[0]\n"
-        "np.save(sys.argv[3], logits)\n"
-    )
-    out = straight / "stock_logits.npy"
-    subprocess.run([str(stock_python()), "-c", script, str(straight / "student.onnx"), str(data), str(out)],
-                   check=True, timeout=120)
-    with np.load(data) as arrays:
-        x = arrays["x"][:4]
-    want = ort.InferenceSession(str(straight / "student.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    assert relative_error(np.load(out), want) <= EXPORT_RTOL
-
-
-def test_onnxruntime_example_trains_the_same_steps(kdgraph_bin, joint, data, straight, tmp_path):
-    """examples/train_onnxruntime.py (stock onnxruntime, IOBinding with swapped buffers) draws
-    kdgraph train's batches, gives its losses, and writes a checkpoint kdgraph train resumes."""
-    steps = 8
-    cmd = [str(stock_python()), str(ROOT / "examples" / "train_onnxruntime.py"), str(joint.with_suffix(".json")),
-           "--data", str(data), "--batch", str(BATCH), "--steps", str(steps), "--lr", LR,
-           "-o", str(tmp_path / "student.onnx"), "--log", str(tmp_path / "log.jsonl")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    ours = read_log(straight / "log.jsonl")[:steps]
-    theirs = read_log(tmp_path / "log.jsonl")
-    assert [line["indices"] for line in theirs] == [line["indices"] for line in ours]
-    for a, b in zip(theirs, ours):
-        for name in ("loss", "loss/ce", "loss/kd"):
-            assert a[name] == pytest.approx(b[name], rel=LOSS_RTOL), f"step {a['step']}: {name}"
-    student = onnx.load(str(tmp_path / "student.onnx"))
-    assert [o.name for o in student.graph.output] == ["logits"]
-    resumed = train(kdgraph_bin, joint, data, tmp_path / "resumed", "--steps", str(steps + 1),
-                    "--resume", str(tmp_path / "student.ckpt.npz"))
-    assert "1 steps trained" in resumed.stdout
 
 
 # --------------------------------------------------------------------------- init stage
