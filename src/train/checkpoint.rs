@@ -2,6 +2,7 @@
 //! stage, step, batch, sample count and shuffle state, in one .npz written atomically (a temporary
 //! file renamed into place), so an interruption at any moment leaves the last whole checkpoint.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use tract_onnx::prelude::*;
@@ -31,17 +32,20 @@ pub struct Progress {
     pub samples: usize,
 }
 
-/// Writes `values` (one per `carried`, in order) and `progress` to `path`, atomically.
+/// Writes `values` (one per `carried`, in order), `fixed` (an earlier stage's values this stage
+/// keeps frozen) and `progress` to `path`, atomically.
 pub fn save(
     path: &Path,
     carried: &[Carried],
     values: &[Tensor],
+    fixed: &BTreeMap<String, Tensor>,
     progress: &Progress,
 ) -> Result<()> {
     let mut arrays: Vec<(String, Tensor)> = carried
         .iter()
         .zip(values)
         .map(|(c, v)| (c.input.clone(), v.clone()))
+        .chain(fixed.iter().map(|(n, v)| (n.clone(), v.clone())))
         .collect();
     for (name, value) in [
         (STAGE, progress.stage as i64),
@@ -60,7 +64,7 @@ pub fn save(
 }
 
 /// Reads a checkpoint: its progress and its arrays by name (the caller takes the carried values
-/// of the checkpoint's stage with [`take_values`]).
+/// of the checkpoint's stage with [`take_values`]; the rest are the stage's `fixed` values).
 pub fn load(path: &Path) -> Result<(Progress, Vec<(String, Tensor)>)> {
     let mut arrays = arrays::read_npz(path)?;
     let mut scalar = |name: &str| -> Result<i64> {

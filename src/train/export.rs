@@ -2,13 +2,12 @@
 //! (pruned to the student's outputs, so neither `teacher/` nor `kd/` nodes remain), its trained
 //! parameters and updated running statistics as initializers, BatchNorm in inference form.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use tract_onnx::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::onnx::builder::float_tensor;
 use crate::onnx::io::{encode_model, AtomicWrite};
 use crate::onnx::{edit, normalize, pb};
 use crate::plan::Role;
@@ -40,25 +39,14 @@ pub fn student_model(
     graph.input.retain(|i| images.contains(&i.name));
     edit::prune_to(graph, &outputs);
     normalize::inference_batchnorm(graph, shown)?;
-    let trained: HashMap<&str, &Tensor> = carried
+    let trained: BTreeMap<String, Tensor> = carried
         .iter()
         .zip(values)
         .filter(|(c, _)| c.initial == Initial::Initializer)
-        .map(|(c, v)| (c.input.as_str(), v))
+        .map(|(c, v)| (c.input.clone(), v.clone()))
         .collect();
-    for initializer in graph.initializer.iter_mut() {
-        if let Some(value) = trained.get(initializer.name.as_str()) {
-            let data: Vec<f32> = value
-                .to_plain_array_view::<f32>()
-                .map_err(|e| {
-                    Error::invalid_model(format!("trained value of `{}`: {e}", initializer.name))
-                })?
-                .iter()
-                .copied()
-                .collect();
-            *initializer = float_tensor(&initializer.name, &initializer.dims, &data);
-        }
-    }
+    super::replace_initializers(&mut model, &trained)?;
+    let graph = model.graph.as_mut().expect("checked above");
     graph.name = "student".into();
     graph.doc_string = format!("the student of `{shown}`, trained by kdgraph train");
     model.metadata_props.retain(|p| p.key == "kdgraph.version");

@@ -10,7 +10,7 @@ mod schedule;
 mod session;
 mod validate;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use std::time::Instant;
 use tract_onnx::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::onnx::builder::float_tensor;
 use crate::onnx::{io, pb, proto};
 use crate::sidecar::{read_training, TrainingStageFiles};
 use crate::step::{Carried, Initial};
@@ -81,6 +82,9 @@ pub fn train(options: &TrainOptions) -> Result<Outcome> {
         return Err(Error::usage("--batch and --log-every must be at least 1"));
     }
     let stages = read_stages(&options.sidecar)?;
+    for stage in &stages {
+        check_feedable(stage)?;
+    }
     let main = stages.last().expect("a sidecar lists its main stage");
     let shown = main.joint_path.display().to_string();
     let image = session::image_role(&main.sidecar, &shown)?;
@@ -133,6 +137,28 @@ fn read_stages(sidecar: &Path) -> Result<Vec<TrainingStageFiles>> {
     }
     stages.push(main);
     Ok(stages)
+}
+
+/// Refuses a stage whose graph takes inputs besides the images and labels (CRD's indices and
+/// memories), before anything is read or written.
+fn check_feedable(stage: &TrainingStageFiles) -> Result<()> {
+    match stage
+        .sidecar
+        .inputs
+        .iter()
+        .find(|i| i.role != "image" && i.role != "labels")
+    {
+        Some(input) if input.name.starts_with("kd/crd/") => Err(Error::unsupported(
+            "kdgraph train does not feed CRD yet; use examples/train_ort.py",
+        )),
+        Some(input) => Err(Error::unsupported(format!(
+            "`{}` takes an input `{}` ({}) that kdgraph train does not know how to feed; train it with examples/train_ort.py",
+            stage.joint_path.display(),
+            input.name,
+            input.role
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The student's class count: the bound the sidecar records for the labels.
@@ -266,7 +292,7 @@ impl Batches {
     /// of step `done + 1`.
     fn resume_state(&self, done: u64) -> u64 {
         match &self.epoch {
-            Some((_, start, _)) if done % self.per_epoch != 0 => *start,
+            Some((_, start, _)) if !done.is_multiple_of(self.per_epoch) => *start,
             _ => self.shuffle.state,
         }
     }
@@ -337,22 +363,40 @@ impl Trainer<'_> {
         let joint = decode(&stage.joint_bytes, &stage.joint_path)?;
         let per_epoch = (self.data.len() / options.batch) as u64;
         let steps = self.stage_steps(stage, is_main, per_epoch);
-        let (mut values, done, shuffle) = match resume {
+        // `fixed`: what an earlier stage trained that this one keeps frozen (FT's paraphraser):
+        // initializers of this stage's step graph, saved with every checkpoint.
+        let (mut values, done, shuffle, fixed) = match resume {
             Some(mut r) => (
-                checkpoint::take_values(&mut r.arrays, carried, &r.path)?,
+                {
+                    println!(
+                        "resuming the {} stage after step {} (epoch {}) from {}",
+                        stage.sidecar.stage,
+                        r.progress.step,
+                        r.progress.epoch,
+                        r.path.display()
+                    );
+                    checkpoint::take_values(&mut r.arrays, carried, &r.path)?
+                },
                 r.progress.step,
                 Shuffle {
                     state: r.progress.shuffle_state,
                 },
+                r.arrays.into_iter().collect(),
             ),
             None => (
                 initial_values(&joint, carried, carried_over, &stage.joint_path)?,
                 0,
                 Shuffle::seeded(options.seed.wrapping_add(index as u64)),
+                carried_over
+                    .iter()
+                    .filter(|(name, _)| carried.iter().all(|c| c.input != **name))
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect(),
             ),
         };
         let step_shown = stage.step_path.display().to_string();
-        let step_model = decode(&stage.step_bytes, &stage.step_path)?;
+        let mut step_model = decode(&stage.step_bytes, &stage.step_path)?;
+        replace_initializers(&mut step_model, &fixed)?;
         let mut session = StepSession::open(
             &step_model,
             &stage.sidecar,
@@ -410,7 +454,7 @@ impl Trainer<'_> {
                     batch: options.batch,
                     samples: self.data.len(),
                 };
-                checkpoint::save(&options.checkpoint, carried, &values, &progress)?;
+                checkpoint::save(&options.checkpoint, carried, &values, &fixed, &progress)?;
             }
             if stopping && step < steps {
                 return Ok(StageEnd::Stopped { step });
@@ -585,6 +629,26 @@ fn trained_parameters(carried: &[Carried], values: Vec<Tensor>) -> HashMap<Strin
         .filter(|(c, _)| c.initial == Initial::Initializer)
         .map(|(c, v)| (c.input.clone(), v))
         .collect()
+}
+
+/// Replaces the float32 initializers of `model` that `values` names by those values.
+fn replace_initializers(
+    model: &mut pb::ModelProto,
+    values: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let graph = model.graph.as_mut().expect("decoded models have graphs");
+    for initializer in graph.initializer.iter_mut() {
+        if let Some(value) = values.get(&initializer.name) {
+            let data: Vec<f32> = value
+                .to_plain_array_view::<f32>()
+                .map_err(|e| Error::invalid_model(format!("value of `{}`: {e}", initializer.name)))?
+                .iter()
+                .copied()
+                .collect();
+            *initializer = float_tensor(&initializer.name, &initializer.dims, &data);
+        }
+    }
+    Ok(())
 }
 
 fn decode(bytes: &[u8], path: &Path) -> Result<pb::ModelProto> {

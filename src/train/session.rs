@@ -41,8 +41,8 @@ pub struct StepSession {
 }
 
 impl StepSession {
-    /// Reads the step graph `model` (shown as `shown`) of a stage and prepares it for `batch`
-    /// images of `image_dims`.
+    /// Prepares the step graph `model` (shown as `shown`) of a stage for batches of `batch`
+    /// images, of the size its sidecar's image input has.
     pub fn open(
         model: &pb::ModelProto,
         sidecar: &TrainingSidecar,

@@ -6,7 +6,8 @@ final weights; (2) the exported student runs in onnxruntime, holds the updated r
 statistics, and gives the logits of the joint graph with the trained weights; (3) 10 steps and a
 resume of 10 more are 20 straight steps, also when the first run is stopped by Ctrl-C; a run
 killed with SIGKILL leaves a checkpoint that loads; (4) bad data fails on one `error:` line,
-exit 1, and writes nothing."""
+exit 1, and writes nothing. tests/python_ort/test_train_onnxruntime.py runs the exported student
+and examples/train_onnxruntime.py on stock onnxruntime."""
 
 import json
 import signal
@@ -177,9 +178,10 @@ def assert_same_training(a, b):
     assert sorted(first) == sorted(second)
     for name in first:
         assert relative_error(second[name], first[name]) <= RESUME_RTOL, name
-    losses = {line["step"]: line["loss"] for line in read_log(a / "log.jsonl") if "step" in line}
+    losses = {(line["stage"], line["step"]): line["loss"] for line in read_log(a / "log.jsonl") if "step" in line}
     for line in read_log(b / "log.jsonl"):
-        assert line["loss"] == pytest.approx(losses[line["step"]], rel=RESUME_RTOL), f"step {line['step']}"
+        key = (line["stage"], line["step"])
+        assert line["loss"] == pytest.approx(losses[key], rel=RESUME_RTOL), key
 
 
 def test_resume_continues_exactly(kdgraph_bin, joint, data, straight, tmp_path):
@@ -272,3 +274,41 @@ def test_bad_data_is_refused_on_one_line(kdgraph_bin, joint, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0], lines[0]
     assert list(out.iterdir()) == [], "a refused run wrote files"
+
+
+# --------------------------------------------------------------------------- init stage
+
+
+def test_init_stage_trains_first_and_its_frozen_result_survives_resume(kdgraph_bin, merge, data, tmp_path):
+    """FT: the init stage trains the paraphraser, which the main stage keeps frozen (an initializer
+    of its step graph): it reaches the main stage and every main-stage checkpoint."""
+    teacher, student = PAIRS[COMMITTED]
+    ft = merge(teacher, student, ["ft"], "--emit", "step")
+    straight_run, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(kdgraph_bin, ft, data, straight_run, "--init-steps", "3", "--steps", "4")
+    assert [(line["stage"], line["step"]) for line in read_log(straight_run / "log.jsonl")] == \
+        [("init", 1), ("init", 2), ("init", 3), ("main", 1), ("main", 2), ("main", 3), ("main", 4)]
+    saved = checkpoint(straight_run / "student.ckpt.npz")
+    paraphraser = [n for n in saved if "teacher_paraphraser/" in n]
+    assert paraphraser, "the main stage's checkpoint lacks the paraphraser trained in the init stage"
+    untrained = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ft)).graph.initializer}
+    assert not np.allclose(saved[paraphraser[0]], untrained[paraphraser[0]])
+    train(kdgraph_bin, ft, data, resumed, "--init-steps", "3", "--steps", "2")
+    train(kdgraph_bin, ft, data, resumed, "--init-steps", "3", "--steps", "4", "--resume", str(resumed / "student.ckpt.npz"))
+    assert_same_training(straight_run, resumed)
+
+
+@pytest.mark.parametrize("methods,extra,code,expected", [
+    # A usage error (exit 2): the sidecar of a merge without --emit step.
+    (["kd"], [], 2, "lists no step graph; run `kdgraph merge ... --emit step`"),
+    (["crd"], ["--crd-n-data", str(SAMPLES), "--emit", "step"], 1, "kdgraph train does not feed CRD yet; use examples/train_ort.py"),
+], ids=["no step graph", "crd"])
+def test_graphs_it_cannot_train_are_refused_on_one_line(kdgraph_bin, merge, data, tmp_path, methods, extra, code, expected):
+    teacher, student = PAIRS[COMMITTED]
+    joint = merge(teacher, student, methods, *extra)
+    out = tmp_path / "out"
+    result = train(kdgraph_bin, joint, data, out, "--steps", "2", check=False)
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert list(out.iterdir()) == []

@@ -1,0 +1,97 @@
+"""examples/train_onnxruntime.py on stock onnxruntime (its CPU path: the IOBinding loop with two
+swapped buffer sets) against `kdgraph train` on tract: the same batches, the same losses, a
+checkpoint `kdgraph train --resume` continues; and kdgraph train's exported student on stock
+onnxruntime."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "train_onnxruntime.py"
+BATCH, SAMPLES, STEPS, LR = 4, 16, 8, "1e-4"
+LOSS_RTOL = 1e-3  # two float32 runtimes over 8 AdamW steps (measured: <= 1e-4)
+
+
+@pytest.fixture(scope="module")
+def joint(kdgraph_bin, tmp_path_factory):
+    out = tmp_path_factory.mktemp("joint") / "joint.onnx"
+    subprocess.run([str(kdgraph_bin), "merge", str(ROOT / "fixtures" / "resnet56.onnx"),
+                    str(ROOT / "fixtures" / "resnet20.onnx"), "-m", "kd", "--emit", "step", "-o", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "train.npz"
+    np.savez(path, x=rng.standard_normal((SAMPLES, 3, 32, 32)).astype(np.float32), y=rng.integers(0, 100, SAMPLES))
+    return path
+
+
+def common(joint, data, out, steps):
+    return [str(joint.with_suffix(".json")), "--data", str(data), "--batch", str(BATCH), "--steps", str(steps),
+            "--lr", LR, "-o", str(out / "student.onnx"), "--log", str(out / "log.jsonl")]
+
+
+def run(cmd):
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def tract_run(kdgraph_bin, joint, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tract")
+    run([str(kdgraph_bin), "train", *common(joint, data, out, STEPS)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnxruntime_run(joint, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnxruntime")
+    run([sys.executable, str(EXAMPLE), *common(joint, data, out, STEPS)])
+    return out
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_example_draws_the_same_batches_and_gives_the_same_losses(tract_run, onnxruntime_run):
+    ours, theirs = read_log(tract_run / "log.jsonl"), read_log(onnxruntime_run / "log.jsonl")
+    assert [line["indices"] for line in theirs] == [line["indices"] for line in ours]
+    assert len(theirs) == STEPS
+    for a, b in zip(theirs, ours):
+        for name in ("loss", "loss/ce", "loss/kd"):
+            assert a[name] == pytest.approx(b[name], rel=LOSS_RTOL), f"step {a['step']}: {name}"
+
+
+def test_example_writes_a_student_and_a_checkpoint_kdgraph_resumes(kdgraph_bin, joint, data, onnxruntime_run, tmp_path):
+    student = onnx.load(str(onnxruntime_run / "student.onnx"))
+    assert [i.name for i in student.graph.input] == ["input"]
+    assert [o.name for o in student.graph.output] == ["logits"]
+    with np.load(onnxruntime_run / "student.ckpt.npz") as saved:
+        assert int(saved["kdgraph:step"]) == STEPS
+        trained = {t.name: onnx.numpy_helper.to_array(t) for t in student.graph.initializer}
+        np.testing.assert_array_equal(trained["conv1.weight"], saved["conv1.weight"])
+    result = run([str(kdgraph_bin), "train", *common(joint, data, tmp_path, STEPS + 1),
+                  "--resume", str(onnxruntime_run / "student.ckpt.npz")])
+    assert "1 steps trained" in result.stdout
+
+
+def test_kdgraph_students_run_on_stock_onnxruntime(tract_run, onnxruntime_run, data):
+    """Both trainers' students run here; trained alike, their logits agree closely."""
+    with np.load(data) as arrays:
+        x = arrays["x"][:BATCH]
+    logits = [ort.InferenceSession(str(folder / "student.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+              for folder in (tract_run, onnxruntime_run)]
+    assert np.all(np.isfinite(logits[0]))
+    assert np.linalg.norm(logits[0] - logits[1]) <= 1e-2 * np.linalg.norm(logits[1])
