@@ -41,7 +41,7 @@ def _recorded() -> Iterator[Path]:
         return
     for file in files:
         if file.name == EXE:
-            yield Path(str(file.locate()))
+            yield Path(os.path.normpath(file.locate()))
 
 
 def _candidates() -> Iterator[Path]:
