@@ -73,7 +73,6 @@ ROUTE_NAMES = {"ort": "ORT Training", "torch": "PyTorch"}
 TEACHER = "resnet20"
 STUDENTS = ("resnet8", "mobile_half")
 RESULTS = ROOT / "bench" / "results"
-CACHE = ROOT / "bench" / ".cache" / "accuracy"
 
 mf.NUM_CLASSES = CLASSES  # the fixture builders read it when they build the classifier
 NETS = {"resnet20": mf.BUILDERS["resnet20"], "resnet8": lambda: mf.ResNet(8, (16, 16, 32, 64)),
@@ -288,8 +287,10 @@ class Reference:
         self.preact = any(m in PREACT_METHODS for m in sidecar["methods"])
 
     def feats(self, x):
-        """((student feats, logits), (teacher feats, logits)) of a batch."""
-        s = self.student(x, is_feat=True, preact=self.preact)
+        """((student feats, logits), (teacher feats, logits)) of a batch; no student pass in a stage
+        that does not train it (FT's init stage: its graph has no student, whose BN statistics stay)."""
+        trains_student = set(self.sidecar["requires_grad"]) & {n for n, _ in self.student.named_parameters()}
+        s = self.student(x, is_feat=True, preact=self.preact) if trains_student else (None, None)
         with torch.no_grad():
             t = self.teacher(x, is_feat=True, preact=self.preact)
         return s, t
@@ -297,7 +298,8 @@ class Reference:
     def taps(self, method, s, t):
         """[(student tap, teacher tap)] and the sidecar's pairs of `method`."""
         pairs = [p for p in self.sidecar["pairs"] if p["method"] == method]
-        return [(pick_feat(*s, p["student_stage"]), pick_feat(*t, p["teacher_stage"])) for p in pairs], pairs
+        student = lambda p: None if s[1] is None else pick_feat(*s, p["student_stage"])
+        return [(student(p), pick_feat(*t, p["teacher_stage"])) for p in pairs], pairs
 
     def term(self, method, s, t, feeds):
         """kd_reference's unweighted term of `method` in this stage (None where the stage has none);
@@ -578,12 +580,13 @@ def student_job(job):
 
 def benchmark(plan, workdir, out=None, jobs=1):
     """Trains the teacher, then every student, seed, method and route, (student, seed) pairs in
-    `jobs` processes; the results document (written to `out` as each pair finishes when given)."""
+    `jobs` processes, a student's seeds first; the results document (written to `out` as each pair
+    finishes when given)."""
     start = time.perf_counter()
     train, test = digits()
     teacher_path, teacher, teacher_acc = train_teacher(train, test, plan.teacher_epochs, workdir)
     log(f"teacher {TEACHER}: {teacher_acc:.2f}% after {plan.teacher_epochs} epochs ({time.perf_counter() - start:.0f} s)")
-    work = [(name, seed, plan, teacher_path, teacher.state_dict(), workdir) for seed in plan.seeds for name in plan.students]
+    work = [(name, seed, plan, teacher_path, teacher.state_dict(), workdir) for name in plan.students for seed in plan.seeds]
     runs = {}
     with multiprocessing.get_context("spawn").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
         for records in (pool.imap_unordered(student_job, work) if pool else map(student_job, work)):
