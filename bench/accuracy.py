@@ -249,6 +249,7 @@ def stages(sidecar_path):
 
 
 def stage_epochs(spec, epochs, init_epochs):
+    """The epochs of a stage: init_epochs for an init stage."""
     return init_epochs if spec["name"] == "init" else epochs
 
 
@@ -518,26 +519,26 @@ def results(plan, teacher_acc, runs, total_s):
     return {"config": config, "teacher_accuracy": teacher_acc, "total_wall_s": total_s, "students": students}
 
 
-def seeds_done(doc):
-    """`n`, or `n of m` while a run is under way: the seeds every reported cell has."""
-    n = min(r["n"] for methods in doc["students"].values() for routes in methods.values()
-            for name, r in routes.items() if name in ROUTES)
+def seeds_done(doc, student):
+    """`n`, or `n of m` while a run is under way: the seeds that every cell of `student` has."""
+    n = min(r["n"] for routes in doc["students"][student].values() for name, r in routes.items() if name in ROUTES)
     m = len(doc["config"]["seeds"])
     return str(n) if n == m else f"{n} of {m}"
 
 
 def cell(s):
+    """A table cell: mean ± std (wall time per run)."""
     return f"{s['mean']:.1f} ± {s['std']:.1f} ({s['wall_s']:.0f} s)"
 
 
 def markdown(doc):
     """The README table: per student, each route's accuracy (mean ± std over seeds, wall time per
     run), whether ORT Training agrees with PyTorch, and each method's gain over the plain student."""
-    lines = [f"Teacher {TEACHER}: {doc['teacher_accuracy']:.1f}%. Test accuracy (%), mean ± std over "
-             f"{seeds_done(doc)} seeds (wall time per run).", ""]
+    lines = [f"Teacher {TEACHER}: {doc['teacher_accuracy']:.1f}%. Test accuracy (%), mean ± std over the seeds "
+             f"(wall time per run).", ""]
     for student, methods in doc["students"].items():
         plain = methods.get(PLAIN, {})
-        lines += [f"**{student}**", "", "| method | ORT Training | PyTorch | ORT - PyTorch (bound) | gain over plain (ORT / PyTorch) |",
+        lines += [f"**{student}** ({seeds_done(doc, student)} seeds)", "", "| method | ORT Training | PyTorch | ORT - PyTorch (bound) | gain over plain (ORT / PyTorch) |",
                   "|---|---|---|---|---|"]
         for method, routes in methods.items():
             check = routes.get("ort_minus_torch")
@@ -567,7 +568,7 @@ def plot(doc, path):
         ax.set_ylim(max(0.0, low - 10.0), 100.0)
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"student {student}: {seeds_done(doc)} seeds, {doc['config']['epochs']} epochs")
+        ax.set_title(f"student {student}: {seeds_done(doc, student)} seeds, {doc['config']['epochs']} epochs")
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
