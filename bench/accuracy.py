@@ -565,11 +565,11 @@ def plot(doc, path):
             ax.bar(xs, [s["mean"] for s in stats], 0.38, yerr=[s["std"] for s in stats], capsize=2, label=ROUTE_NAMES[route])
         ax.axhline(doc["teacher_accuracy"], color="k", linestyle="--", linewidth=1, label=f"teacher {TEACHER}")
         low = min(methods[m][r]["mean"] for m in names for r in ROUTES if r in methods[m])
-        ax.set_ylim(max(0.0, low - 10.0), 100.0)
+        ax.set_ylim(max(0.0, low - 10.0), 108.0)
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"student {student}: {seeds_done(doc, student)} seeds, {doc['config']['epochs']} epochs")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
