@@ -262,26 +262,10 @@ fn tensor_info(
     elem_type: pb::tensor_proto::DataType,
     dims: &[Dim],
 ) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    let dim = dims
-        .iter()
-        .map(|d| Dimension {
-            value: Some(match d {
-                Dim::Fixed(n) => Value::DimValue(*n),
-                Dim::Symbol(s) => Value::DimParam(s.clone()),
-            }),
-            ..Default::default()
-        })
-        .collect();
-    pb::ValueInfoProto {
-        name: name.to_string(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: elem_type as i32,
-                shape: Some(pb::TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    use pb::tensor_shape_proto::dimension::Value;
+    let dims = dims.iter().map(|d| match d {
+        Dim::Fixed(n) => Value::DimValue(*n),
+        Dim::Symbol(s) => Value::DimParam(s.clone()),
+    });
+    proto::tensor_info(name, elem_type, dims)
 }

@@ -58,12 +58,12 @@ pub fn differentiate(
     for (param, grad) in &gradients {
         graph
             .output
-            .push(float_output(grad, param_dims(graph, param)));
+            .push(float_output(grad, &param_dims(graph, param)));
     }
     for (statistic, next) in &training.state {
         graph
             .output
-            .push(float_output(next, param_dims(graph, statistic)));
+            .push(float_output(next, &param_dims(graph, statistic)));
     }
     Ok(Gradients {
         model,
@@ -313,32 +313,18 @@ fn param_dims(graph: &pb::GraphProto, name: &str) -> Vec<i64> {
         .unwrap_or_default()
 }
 
+/// A float32 graph output of fixed dims.
+fn float_output(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+    proto::tensor_info(
+        name,
+        pb::tensor_proto::DataType::Float,
+        proto::fixed_dims(dims),
+    )
+}
+
 fn is_float(elem_type: i32) -> bool {
     use pb::tensor_proto::DataType as T;
     [T::Float as i32, T::Double as i32, T::Float16 as i32].contains(&elem_type)
-}
-
-/// A float32 graph output of fixed dims.
-fn float_output(name: &str, dims: Vec<i64>) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    let dim = dims
-        .into_iter()
-        .map(|d| Dimension {
-            value: Some(Value::DimValue(d)),
-            ..Default::default()
-        })
-        .collect();
-    pb::ValueInfoProto {
-        name: name.to_string(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: pb::tensor_proto::DataType::Float as i32,
-                shape: Some(pb::TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// A fresh builder for nodes added to `graph`.

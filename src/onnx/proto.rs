@@ -68,6 +68,40 @@ pub fn names_in(graph: &pb::GraphProto) -> impl Iterator<Item = String> + '_ {
         .chain(graph.output.iter().map(|o| o.name.clone()))
 }
 
+/// A tensor value_info: `name`, element type, and dims (numbers or symbols such as the batch).
+pub fn tensor_info(
+    name: &str,
+    elem_type: pb::tensor_proto::DataType,
+    dims: impl IntoIterator<Item = pb::tensor_shape_proto::dimension::Value>,
+) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::Dimension;
+    let dim = dims
+        .into_iter()
+        .map(|value| Dimension {
+            value: Some(value),
+            ..Default::default()
+        })
+        .collect();
+    pb::ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: elem_type as i32,
+                shape: Some(pb::TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Fixed dims as value_info dims.
+pub fn fixed_dims(dims: &[i64]) -> Vec<pb::tensor_shape_proto::dimension::Value> {
+    dims.iter()
+        .map(|&d| pb::tensor_shape_proto::dimension::Value::DimValue(d))
+        .collect()
+}
+
 /// Initializers of a graph by name.
 pub fn initializers(graph: &pb::GraphProto) -> HashMap<&str, &pb::TensorProto> {
     graph

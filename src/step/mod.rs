@@ -176,36 +176,13 @@ pub fn first_step_values(
 }
 
 fn float_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
-    tensor_info(name, pb::tensor_proto::DataType::Float, dims)
+    proto::tensor_info(
+        name,
+        pb::tensor_proto::DataType::Float,
+        proto::fixed_dims(dims),
+    )
 }
 
 fn int64_info(name: &str) -> pb::ValueInfoProto {
-    tensor_info(name, pb::tensor_proto::DataType::Int64, &[])
-}
-
-fn tensor_info(
-    name: &str,
-    elem_type: pb::tensor_proto::DataType,
-    dims: &[i64],
-) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    pb::ValueInfoProto {
-        name: name.to_string(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: elem_type as i32,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    proto::tensor_info(name, pb::tensor_proto::DataType::Int64, [])
 }
