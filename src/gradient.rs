@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use serde::Serialize;
 
 use crate::analysis::parameters;
-use crate::analysis::shapes::Dim;
+use crate::analysis::shapes::{dim_values, Dim};
 use crate::autodiff;
 use crate::error::{Error, Result};
 use crate::onnx::builder::GraphBuilder;
@@ -155,14 +155,15 @@ fn add_cross_entropy(graph: &mut pb::GraphProto, opset: i64, shown: &str) -> Res
     b.node("Identity", &[&ce], &[LOSS], vec![], LOSS);
     graph.node.append(&mut b.nodes);
     graph.initializer.append(&mut b.initializers);
-    graph.input.push(tensor_info(
+    graph.input.push(proto::tensor_info(
         LABELS,
         pb::tensor_proto::DataType::Int64,
-        &[batch],
+        dim_values(&[batch]),
     ));
-    graph
-        .output
-        .insert(0, tensor_info(LOSS, pb::tensor_proto::DataType::Float, &[]));
+    graph.output.insert(
+        0,
+        proto::tensor_info(LOSS, pb::tensor_proto::DataType::Float, []),
+    );
     Ok(LOSS.to_string())
 }
 
@@ -255,17 +256,4 @@ fn input_roles(graph: &pb::GraphProto) -> Vec<Role> {
             Role::new(&i.name, role, dtype, shape)
         })
         .collect()
-}
-
-fn tensor_info(
-    name: &str,
-    elem_type: pb::tensor_proto::DataType,
-    dims: &[Dim],
-) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::dimension::Value;
-    let dims = dims.iter().map(|d| match d {
-        Dim::Fixed(n) => Value::DimValue(*n),
-        Dim::Symbol(s) => Value::DimParam(s.clone()),
-    });
-    proto::tensor_info(name, elem_type, dims)
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::analysis::shapes::fixed;
+use crate::analysis::shapes::{dim_values, fixed};
 use crate::analysis::{parameters, Dim};
 use crate::error::{Error, Result};
 use crate::methods::{self, LossContext, TEACHER_PREFIX};
@@ -405,33 +405,11 @@ fn model_proto(
 
 fn value_info(role: &Role) -> pb::ValueInfoProto {
     use pb::tensor_proto::DataType as T;
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
     let elem_type = match role.dtype.as_str() {
-        "int64" => T::Int64 as i32,
-        "float64" => T::Double as i32,
-        "float16" => T::Float16 as i32,
-        _ => T::Float as i32,
+        "int64" => T::Int64,
+        "float64" => T::Double,
+        "float16" => T::Float16,
+        _ => T::Float,
     };
-    let dim = role
-        .shape
-        .iter()
-        .map(|d| Dimension {
-            value: Some(match d {
-                Dim::Fixed(n) => Value::DimValue(*n),
-                Dim::Symbol(s) => Value::DimParam(s.clone()),
-            }),
-            ..Default::default()
-        })
-        .collect();
-    pb::ValueInfoProto {
-        name: role.name.clone(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type,
-                shape: Some(pb::TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    proto::tensor_info(&role.name, elem_type, dim_values(&role.shape))
 }

@@ -35,6 +35,18 @@ pub fn show_shape(shape: &[Dim]) -> String {
     format!("[{}]", dims.join(", "))
 }
 
+/// Dims as value_info dims (a symbol stays a `dim_param`).
+pub fn dim_values(shape: &[Dim]) -> Vec<pb::tensor_shape_proto::dimension::Value> {
+    use pb::tensor_shape_proto::dimension::Value;
+    shape
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => Value::DimValue(*n),
+            Dim::Symbol(s) => Value::DimParam(s.clone()),
+        })
+        .collect()
+}
+
 /// The fixed value of a dimension, if it has one.
 pub fn fixed(dim: &Dim) -> Option<i64> {
     match dim {
