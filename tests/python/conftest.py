@@ -27,7 +27,7 @@ for _path in (HERE, ROOT / "examples"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from kdgraph_binary import find_kdgraph_bin  # noqa: E402  (re-exported: test_suite_setup)
+from kdgraph_binary import find_kdgraph_bin, kdgraph_bin  # noqa: E402,F401  (re-exported: test_suite_setup; the fixture)
 
 
 def _load_make_fixtures():
@@ -38,15 +38,6 @@ def _load_make_fixtures():
 
 
 mf = _load_make_fixtures()
-
-
-@pytest.fixture(scope="session")
-def kdgraph_bin() -> Path:
-    """The binary under test; every test that needs it fails (never skips) without it."""
-    path, why = find_kdgraph_bin()
-    if path is None:
-        pytest.fail(why, pytrace=False)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Tuple
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,3 +26,12 @@ def find_kdgraph_bin(environ=os.environ, root: Path = ROOT) -> Tuple[Path | None
     if path.is_file():
         return path, ""
     return None, f"kdgraph binary not found: set KDGRAPH_BIN, or run `cargo build` (for {path})"
+
+
+@pytest.fixture(scope="session")
+def kdgraph_bin() -> Path:
+    """The binary under test; every test that needs it fails (never skips) without it."""
+    path, why = find_kdgraph_bin()
+    if path is None:
+        pytest.fail(why, pytrace=False)
+    return path

@@ -16,18 +16,9 @@ if str(PYTHON_SUITE) not in sys.path:
     sys.path.insert(0, str(PYTHON_SUITE))
 
 import gradient_cases as gc  # noqa: E402
-from kdgraph_binary import find_kdgraph_bin  # noqa: E402
+from kdgraph_binary import kdgraph_bin  # noqa: E402,F401  (the fixture)
 
 ort.set_default_logger_severity(3)
-
-
-@pytest.fixture(scope="session")
-def kdgraph_bin() -> Path:
-    """The binary under test; every test that needs it fails (never skips) without it."""
-    path, why = find_kdgraph_bin()
-    if path is None:
-        pytest.fail(why, pytrace=False)
-    return path
 
 
 @pytest.fixture(scope="session")
