@@ -117,9 +117,11 @@ fn tract_facts(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Te
     Ok(facts)
 }
 
-/// The values of an integer tensor of at most 64 elements.
+/// The values of an integer tensor of at most 64 elements; a tensor of dimensions (`Shape` of a
+/// tensor with a symbolic batch, and what is computed from it) where every value is a number.
 fn small_ints(tensor: &Tensor) -> Option<Vec<i64>> {
-    if !tensor.datum_type().is_integer() || tensor.len() > 64 {
+    let integer = tensor.datum_type().is_integer() || tensor.datum_type() == DatumType::TDim;
+    if !integer || tensor.len() > 64 {
         return None;
     }
     let cast = tensor.cast_to::<i64>().ok()?;

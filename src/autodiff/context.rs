@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use crate::analysis::shapes::{Dim, Shape, TensorFacts};
 use crate::error::{Error, Result};
 use crate::onnx::builder::{Attr, GraphBuilder};
-use crate::onnx::pb;
+use crate::onnx::{pb, proto};
 
 /// One node of the forward graph and which of its inputs need an adjoint.
 pub struct NodeView<'a> {
@@ -156,21 +156,9 @@ impl<'a> Ctx<'a> {
     /// Where `tensor` is computed from constants (torch.export's unoptimised graphs), the values
     /// tract's inference found.
     pub fn const_ints(&self, tensor: &str) -> Option<Vec<i64>> {
-        let Some(t) = self.constants.get(tensor) else {
-            return self.facts.get(tensor).and_then(|f| f.ints.clone());
-        };
-        if t.data_type != pb::tensor_proto::DataType::Int64 as i32 {
-            return None;
-        }
-        if !t.raw_data.is_empty() {
-            Some(
-                t.raw_data
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect(),
-            )
-        } else {
-            Some(t.int64_data.clone())
+        match self.constants.get(tensor) {
+            Some(t) => proto::int_values(t),
+            None => self.facts.get(tensor).and_then(|f| f.ints.clone()),
         }
     }
 

@@ -1,8 +1,9 @@
 //! Rewrites that put an exported model into the form both runtimes accept: inference-form BatchNorm.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use super::pb;
+use super::builder::GraphBuilder;
+use super::{pb, proto};
 use crate::error::{Error, Result};
 
 /// Rewrites every training-mode BatchNormalization (training_mode=1, three outputs) into the
@@ -316,4 +317,119 @@ pub fn inline_constant_aliases(graph: &mut pb::GraphProto) {
         }
     }
     graph.node = kept;
+}
+
+/// torch.export writes `split` and `chunk` as a SplitToSequence read by SequenceAt at constant
+/// indices, ops tract does not know. Where the split sizes and every index are constants, each
+/// SequenceAt becomes a Slice of the split input (the same tensor under the same name) and the
+/// SplitToSequence goes. Returns how many were rewritten; other sequences are left for
+/// validation to refuse.
+pub fn sequence_splits(graph: &mut pb::GraphProto, opset: i64) -> usize {
+    let mut constants: HashMap<String, (Vec<i64>, bool)> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| Some((t.name.clone(), (proto::int_values(t)?, t.dims.is_empty()))))
+        .collect();
+    for node in graph.node.iter().filter(|n| n.op_type == "Constant") {
+        let value = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "value")
+            .and_then(|a| a.t.as_ref());
+        if let (Some(t), Some(output)) = (value, node.output.first()) {
+            if let Some(values) = proto::int_values(t) {
+                constants.insert(output.clone(), (values, t.dims.is_empty()));
+            }
+        }
+    }
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        for input in &node.input {
+            readers.entry(input.as_str()).or_default().push(i);
+        }
+    }
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    // SequenceAt node index -> (input, start, end, axis); SplitToSequence node indices to drop.
+    let mut slices: HashMap<usize, (String, i64, i64, i64)> = HashMap::new();
+    let mut dropped: HashSet<usize> = HashSet::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        if node.op_type != "SplitToSequence"
+            || node.output.len() != 1
+            || outputs.contains(node.output[0].as_str())
+        {
+            continue;
+        }
+        let Some((sizes, scalar)) = node.input.get(1).and_then(|s| constants.get(s)) else {
+            continue;
+        };
+        let axis = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "axis")
+            .map_or(0, |a| a.i);
+        let bounds = |index: i64| -> Option<(i64, i64)> {
+            if *scalar {
+                let size = *sizes.first().filter(|&&s| s > 0)?;
+                let start = index.checked_mul(size).filter(|_| index >= 0)?;
+                Some((start, start.checked_add(size)?))
+            } else {
+                let count = sizes.len() as i64;
+                let index = if index < 0 { index + count } else { index };
+                if !(0..count).contains(&index)
+                    || sizes.iter().any(|&s| !(0..=1 << 40).contains(&s))
+                {
+                    return None;
+                }
+                let start: i64 = sizes[..index as usize].iter().sum();
+                Some((start, start + sizes[index as usize]))
+            }
+        };
+        let reads = readers
+            .get(node.output[0].as_str())
+            .cloned()
+            .unwrap_or_default();
+        let planned: Option<Vec<(usize, (String, i64, i64, i64))>> = reads
+            .iter()
+            .map(|&r| {
+                let reader = &graph.node[r];
+                let index = reader.input.get(1).and_then(|x| constants.get(x))?;
+                let (start, end) = (reader.op_type == "SequenceAt" && index.0.len() == 1)
+                    .then(|| bounds(index.0[0]))??;
+                Some((r, (node.input[0].clone(), start, end, axis)))
+            })
+            .collect();
+        if let Some(planned) = planned.filter(|p| !p.is_empty()) {
+            slices.extend(planned);
+            dropped.insert(i);
+        }
+    }
+    if dropped.is_empty() {
+        return 0;
+    }
+    let mut b = GraphBuilder::new(opset, proto::names_in(graph));
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    for (i, node) in std::mem::take(&mut graph.node).into_iter().enumerate() {
+        if dropped.contains(&i) {
+            continue;
+        }
+        let Some((input, start, end, axis)) = slices.remove(&i) else {
+            nodes.push(node);
+            continue;
+        };
+        let base = proto::node_label(&node);
+        let starts = b.const_i64(&format!("{base}/starts"), &[1], &[start]);
+        let ends = b.const_i64(&format!("{base}/ends"), &[1], &[end]);
+        let axes = b.const_i64(&format!("{base}/axes"), &[1], &[axis]);
+        b.node(
+            "Slice",
+            &[&input, &starts, &ends, &axes],
+            &[&node.output[0]],
+            vec![],
+            &base,
+        );
+        nodes.append(&mut b.nodes);
+    }
+    graph.node = nodes;
+    graph.initializer.append(&mut b.initializers);
+    dropped.len()
 }

@@ -2,7 +2,7 @@
 //! asked, its BatchNorms in inference form.
 
 use super::io::LoadedModel;
-use super::{normalize, validate};
+use super::{normalize, proto, validate};
 use crate::error::Result;
 
 /// A model read from disk and put into the form kdgraph works on (inference-form BatchNorm).
@@ -20,6 +20,7 @@ pub fn prepare(mut loaded: LoadedModel, input_shape: Option<&[i64]>) -> Result<P
         .graph
         .take()
         .expect("load_model guarantees a graph");
+    normalize::sequence_splits(&mut graph, proto::onnx_opset(&loaded.proto));
     validate::validate(&mut graph, &loaded.proto, &shown)?;
     normalize::inline_constant_aliases(&mut graph);
     if let Some(dims) = input_shape {

@@ -129,6 +129,24 @@ pub fn float_values(tensor: &pb::TensorProto) -> Option<Vec<f32>> {
     }
 }
 
+/// The values of an int64 tensor (raw or typed storage), or None if it is not int64.
+pub fn int_values(tensor: &pb::TensorProto) -> Option<Vec<i64>> {
+    if tensor.data_type != pb::tensor_proto::DataType::Int64 as i32 {
+        return None;
+    }
+    if !tensor.raw_data.is_empty() {
+        Some(
+            tensor
+                .raw_data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        )
+    } else {
+        Some(tensor.int64_data.clone())
+    }
+}
+
 /// The ai.onnx opset a model imports (0 when it declares none).
 pub fn onnx_opset(model: &pb::ModelProto) -> i64 {
     model

@@ -122,6 +122,29 @@ def test_split_middle_piece_unread(kdgraph_bin, tmp_path):
                               (True, False, True), constants={"split": ints(1, 2, 3)}, attrs={"axis": 1}, opset=13)
 
 
+@pytest.mark.parametrize("split,indices", [(np.array(2, np.int64), (0, 2)), (ints(1, 3, 2), (2, -3))],
+                         ids=["chunk-size", "sizes-negative-index"])
+def test_split_to_sequence_read_at_constant_indices(kdgraph_bin, tmp_path, split, indices):
+    """torch.export's split and chunk: SplitToSequence read by SequenceAt at constant indices."""
+    x = randn(2, 6, 3)
+    sizes = [int(split)] * 3 if split.ndim == 0 else split.tolist()
+    leaf = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    pieces = [torch.split(leaf, sizes, dim=1)[i] for i in indices]
+    weights = [rng.standard_normal(tuple(p.shape)).astype(np.float32) for p in pieces]
+    sum((p * torch.tensor(w, dtype=torch.float64)).sum() for p, w in zip(pieces, weights)).backward()
+    model = single_node_model("Split", {"x": x}, {"split": split}, ["x", "split"], {"axis": 1}, weights, opset=18)
+    del model.graph.node[0]
+    reads = [helper.make_node("SplitToSequence", ["x", "split"], ["pieces"], axis=1)]
+    for i, index in enumerate(indices):
+        reads.append(helper.make_node("Constant", [], [f"index{i}"], value=numpy_helper.from_array(np.array(index, np.int64))))
+        reads.append(helper.make_node("SequenceAt", ["pieces", f"index{i}"], [f"y{i}"]))
+    for node in reversed(reads):
+        model.graph.node.insert(0, node)
+    got = kdgraph_gradients(kdgraph_bin, model, ["x"], tmp_path)
+    error = relative_error(got["x"], leaf.grad.numpy())
+    assert error <= RTOL, f"SplitToSequence d/dx: relative error {error:.2e}"
+
+
 SLICES = {
     "unit-step": ([1], [-1], [-1], None),
     "step-2": ([0, 1], [5, 7], [0, 2], [2, 3]),
