@@ -7,8 +7,10 @@ and batch of the caller's choice. Exports are cached beside exports.py's, keyed 
 model, mode, input size and a hash of this file and of exports.py.
 """
 
+import contextlib
 import functools
 import hashlib
+import itertools
 import re
 import warnings
 from pathlib import Path
@@ -89,3 +91,61 @@ def torch_gradients(name, x, y, dtype=torch.float64):
     statistics = {n: b.detach().numpy().copy() for n, b in model.named_buffers()
                   if n.endswith(("running_mean", "running_var"))}
     return gradients, statistics
+
+
+# A pre-activation is "undecided" where it lies within MASK_BAND times float32's own forward error
+# (torch float32 against float64, at that activation, its largest element) of a kink: any float32
+# engine may put it on either side, and its gradient mask with it.
+MASK_BAND = 4.0
+
+
+@contextlib.contextmanager
+def _kinked_activations(recorded=None, flips=None):
+    """Within the block, every F.relu and F.hardtanh call (nn.ReLU, nn.ReLU6 and DenseNet's functional
+    relu go through them) appends its input to `recorded`, or, with `flips` (one boolean tensor per
+    call, in call order), keeps its forward value and flips its gradient mask where flips[i] is set."""
+    relu, hardtanh = F.relu, F.hardtanh
+    calls = itertools.count()
+
+    def through(x, low, high, y):
+        i = next(calls)
+        if flips is None:
+            recorded.append((x.detach().clone(), low, high))
+            return y
+        mask = ((x > low) & (x < high)) ^ flips[i]
+        return y.detach() + (x - x.detach()) * mask.to(x.dtype)
+
+    def kinked_relu(x, inplace=False):
+        return through(x, 0.0, float("inf"), relu(x))
+
+    def kinked_hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False):
+        return through(x, min_val, max_val, hardtanh(x, min_val, max_val))
+
+    F.relu, F.hardtanh = kinked_relu, kinked_hardtanh
+    try:
+        yield
+    finally:
+        F.relu, F.hardtanh = relu, hardtanh
+
+
+def mask_flip_floor(name, x, y, gradients):
+    """({parameter: relative change of its float64 gradient}, number of undecided masks) when every
+    ReLU / ReLU6 mask undecided in float32 (MASK_BAND) is flipped: how far float32 rounding alone may
+    move each gradient of this model on this batch, whatever engine computes it. `gradients` are
+    torch_gradients' float64 ones. Hardswish's kinks and MaxPool's ties are not counted."""
+    forwards = {}
+    for dtype in (torch.float64, torch.float32):
+        recorded = []
+        with _kinked_activations(recorded=recorded), torch.no_grad():
+            build(name).to(dtype)(torch.from_numpy(x).to(dtype))
+        forwards[dtype] = recorded
+    flips = []
+    for (x64, low, high), (x32, _, _) in zip(forwards[torch.float64], forwards[torch.float32], strict=True):
+        band = MASK_BAND * float((x32.double() - x64).abs().max())
+        flips.append(((x64 - low).abs() < band) | ((x64 - high).abs() < band))
+    model = build(name).to(torch.float64)
+    with _kinked_activations(flips=flips):
+        F.cross_entropy(model(torch.from_numpy(x).to(torch.float64)), torch.from_numpy(y)).backward()
+    flipped = {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+    change = {n: float(np.linalg.norm(flipped[n] - g) / max(np.linalg.norm(g), 1e-300)) for n, g in gradients.items()}
+    return change, int(sum(int(f.sum()) for f in flips))

@@ -136,7 +136,8 @@ def writing(case_id: str) -> Iterator[Path]:
 
 def save_reference(folder: Path, **groups: Dict[str, np.ndarray]):
     """reference.npz: `<group>/<name>` for each group (gradient, state; gradient32, state32: the
-    same reference computed in float32, where it is computed in float64)."""
+    same reference computed in float32, where it is computed in float64; maskflip: the mask-flip
+    floor of each gradient, a scalar)."""
     np.savez(folder / "reference.npz", **{f"{g}/{k}": np.asarray(v) for g, arrays in groups.items() for k, v in arrays.items()})
 
 
@@ -165,7 +166,7 @@ class Case:
 
     def reference(self) -> Dict[str, Dict[str, np.ndarray]]:
         """{group: {name: array}} (save_reference's groups; absent groups are empty)."""
-        groups: Dict[str, Dict[str, np.ndarray]] = {g: {} for g in ("gradient", "state", "gradient32", "state32")}
+        groups: Dict[str, Dict[str, np.ndarray]] = {g: {} for g in ("gradient", "state", "gradient32", "state32", "maskflip")}
         with np.load(self.folder / "reference.npz") as f:
             for key in f.files:
                 group, name = key.split("/", 1)
@@ -233,7 +234,14 @@ FLOAT32_FLOOR = 4.0
 # gradient: measured at 64x64 ts-train (torch float32's own floors 3e-6 to 4e-5, mobilenet_v2 1.1e-3
 # from its own flip), onnxruntime misses by 8.7e-2 on regnet_y_400mf, 3.3e-2 on densenet121, 1.8e-3
 # on resnet50, tract by 4e-2 on mobilenet_v2; torch float64 with each engine's masks forced matches
-# it within tolerance. tests/python_ort/test_float64.py checks the formulas in float64 instead (1e-6).
+# it within tolerance. So float32 cannot reach RTOL on such a model, whoever computes it. The main
+# suite measures, per parameter, how far its float64 gradient moves when every mask float32 cannot
+# decide is flipped (grad_exports.mask_flip_floor: the `maskflip` group); a parameter's tolerance is
+# at least MASK_FLOOR times that. Flipping a subset can move a gradient further than flipping all
+# (effects of opposite sign cancel in the whole set): hence the factor 2. The formulas themselves are
+# judged where float32 cannot be, in float64 to 1e-6 (tests/python_ort/test_float64.py, every model
+# case).
+MASK_FLOOR = 2.0
 
 
 def float32_floor(reference: Dict[str, np.ndarray], reference32: Dict[str, np.ndarray]) -> Dict[str, float]:
@@ -241,14 +249,28 @@ def float32_floor(reference: Dict[str, np.ndarray], reference32: Dict[str, np.nd
     return {n: relative_error(reference32[n], reference[n]) for n in reference if n in reference32}
 
 
+def tolerances(reference: Dict[str, Dict[str, np.ndarray]], group: str = "gradient", rtol: float = RTOL) -> Dict[str, float]:
+    """{name: tolerance} for the `group` of a reference: `rtol`, widened to FLOAT32_FLOOR times the
+    float32 reference's own error and to MASK_FLOOR times the mask-flip floor where those are larger."""
+    floor = float32_floor(reference[group], reference.get(f"{group}32", {}))
+    flips = reference.get("maskflip", {}) if group == "gradient" else {}
+    return {n: max(rtol, FLOAT32_FLOOR * floor.get(n, 0.0), MASK_FLOOR * float(flips.get(n, 0.0)))
+            for n in reference[group]}
+
+
+def widened(tolerance: Dict[str, float], rtol: float = RTOL) -> List[str]:
+    """The names whose tolerance is wider than `rtol`, widest first."""
+    return sorted((n for n, t in tolerance.items() if t > rtol), key=lambda n: -tolerance[n])
+
+
 def mismatches(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray], outputs: Dict[str, str] | None = None,
-               rtol: float = RTOL, zero_fraction: float = 0.0, floor: Dict[str, float] | None = None) -> List[str]:
+               rtol: float = RTOL, zero_fraction: float = 0.0, tolerance: Dict[str, float] | None = None) -> List[str]:
     """One line per name of `want` whose value in `got` (under outputs[name], or the same name)
     misses its tolerance in relative error or has another shape, worst first. The tolerance is
-    `rtol`, or FLOAT32_FLOOR * floor[name] where larger. With `zero_fraction`, a reference below
-    that fraction of the norm of all of `want` is zero to rounding, and the value must be too."""
+    tolerance[name] (see tolerances), else `rtol`. With `zero_fraction`, a reference below that
+    fraction of the norm of all of `want` is zero to rounding, and the value must be too."""
     noise = zero_fraction * float(np.sqrt(sum(np.linalg.norm(np.asarray(w, np.float64)) ** 2 for w in want.values())))
-    floor = floor or {}
+    tolerance = tolerance or {}
     bad = []
     for name, reference in want.items():
         value = np.asarray(got[outputs[name] if outputs else name])
@@ -261,17 +283,12 @@ def mismatches(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray], outputs:
                                     f"(|reference| {np.linalg.norm(reference):.3g} <= {noise:.3g})"))
             continue
         error = relative_error(value, reference)
-        tolerance = max(rtol, FLOAT32_FLOOR * floor.get(name, 0.0))
-        if not error <= tolerance:
-            note = f", float32 floor {floor[name]:.1e}" if name in floor else ""
-            bad.append((error / tolerance, f"{name}: relative error {error:.2e} > {tolerance:.1e} "
-                                           f"(|reference| {np.linalg.norm(reference):.3g}{note})"))
+        allowed = tolerance.get(name, rtol)
+        if not error <= allowed:
+            note = f", widened from {rtol:g}" if allowed > rtol else ""
+            bad.append((error / allowed, f"{name}: relative error {error:.2e} > {allowed:.1e} "
+                                         f"(|reference| {np.linalg.norm(reference):.3g}{note})"))
     return [line for _, line in sorted(bad, key=lambda b: -b[0])]
-
-
-def floored(floor: Dict[str, float], rtol: float = RTOL) -> List[str]:
-    """The names whose float32 floor widens their tolerance beyond `rtol`, worst first."""
-    return sorted((n for n, f in floor.items() if FLOAT32_FLOOR * f > rtol), key=lambda n: -floor[n])
 
 
 def report(what: str, bad: List[str], total: int) -> str:

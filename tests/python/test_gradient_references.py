@@ -58,15 +58,18 @@ def test_model_case(case: gc.ModelCase, kdgraph_bin):
     x, y = grad_exports.input_batch(case.size, case.batch)
     gradients, statistics = grad_exports.torch_gradients(case.model, x, y)
     gradients32, statistics32 = grad_exports.torch_gradients(case.model, x, y, torch.float32)
+    maskflip, undecided = grad_exports.mask_flip_floor(case.model, x, y, gradients)
     assert_export_holds(model_path, case.model, list(gradients) + list(statistics))
     with gc.writing(case.id) as out:
         cmd = [str(kdgraph_bin), "grad", str(model_path), "--labels", "-o", str(out / "grad.onnx")]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         np.savez(out / "inputs.npz", input=x, labels=y)
-        gc.save_reference(out, gradient=gradients, state=statistics, gradient32=gradients32, state32=statistics32)
+        gc.save_reference(out, gradient=gradients, state=statistics, gradient32=gradients32, state32=statistics32,
+                          maskflip=maskflip)
         gc.write_meta(
             out, case=case.id, source=str(model_path),
             reference=f"torch autograd, float64, {case.model} in train mode, F.cross_entropy",
+            undecided_masks=undecided,
             kdgraph=gc.binary_identity(kdgraph_bin), graph="grad.onnx", sidecar="grad.json",
             kdgraph_error=None if run.returncode == 0 else kdgraph_error_line(run.stdout + run.stderr),
         )

@@ -27,8 +27,11 @@ def test_tract_matches_onnxruntime(case_id, case, run_ort, kdgraph_bin, tmp_path
     got = run_tract(kdgraph_bin, c, tmp_path)
     missing = sorted(set(want) - set(got))
     assert not missing, f"{case_id}: tract gave no value for {len(missing)} outputs, e.g. {missing[:5]}"
-    gradients = set(c.outputs()[0].values())
-    bad = gc.mismatches(got, {n: v for n, v in want.items() if n in gradients}, zero_fraction=gc.ZERO_FRACTION)
+    parameters = c.outputs()[0]
+    gradients = set(parameters.values())
+    # Two float32 engines may each flip masks float32 cannot decide (gradient_cases.MASK_FLOOR).
+    wide = {parameters[n]: 2 * t for n, t in gc.tolerances(c.reference()).items()} if case_id.startswith("model-") else {}
+    bad = gc.mismatches(got, {n: v for n, v in want.items() if n in gradients}, zero_fraction=gc.ZERO_FRACTION, tolerance=wide)
     # The loss terms are left out: some are float32 rounding on these untrained models (PKT ~1e-10,
     # see test_merge_methods), where two engines need not agree; the total loss is compared.
     others = {n: v for n, v in want.items() if n not in gradients and not n.startswith("loss/")}
