@@ -237,11 +237,19 @@ FLOAT32_FLOOR = 4.0
 # it within tolerance. So float32 cannot reach RTOL on such a model, whoever computes it. The main
 # suite measures, per parameter, how far its float64 gradient moves when every mask float32 cannot
 # decide is flipped (grad_exports.mask_flip_floor: the `maskflip` group); a parameter's tolerance is
-# at least MASK_FLOOR times that. Flipping a subset can move a gradient further than flipping all
-# (effects of opposite sign cancel in the whole set): hence the factor 2. The formulas themselves are
+# at least MASK_FLOOR times that. Joint graphs have no float64 reference: there the main suite runs
+# ORT Training again on images perturbed by PERTURBATION (relative; float32's forward error deep in
+# these nets is of that order) and records each gradient's largest move over PERTURBED_RUNS runs
+# (measured: resnet56 -> resnet20 moves < 1e-5; vgg13_bn -> mobile_half, whose float64 gradient moves
+# 5e-3 under 1e-7 input noise, 1e-2). Flipping a subset can move a gradient further than flipping all
+# (effects of opposite sign cancel in the whole set), and the largest of a few perturbed runs can fall
+# short of another engine's draw (measured: by 1.7x on one parameter of mobile_half's AB init, with 3
+# runs): hence 5 runs and the factor 3. The formulas themselves are
 # judged where float32 cannot be, in float64 to 1e-6 (tests/python_ort/test_float64.py, every model
 # case).
-MASK_FLOOR = 2.0
+MASK_FLOOR = 3.0
+PERTURBATION = 1e-7
+PERTURBED_RUNS = 5
 
 
 def float32_floor(reference: Dict[str, np.ndarray], reference32: Dict[str, np.ndarray]) -> Dict[str, float]:

@@ -83,16 +83,29 @@ def joint(merge):
     return joint_factory(merge)
 
 
-def ort_training_gradients(j, feeds, workdir: Path):
+def ort_training_gradients(j, feeds, workdir: Path, perturbed: int = 0):
     """ORT Training's gradient of every requires_grad parameter after one forward/backward pass
     (lazy_reset_grad first): the gradient buffers themselves, which an optimizer step would read;
-    an SGD step and a difference of parameters would round them."""
+    an SGD step and a difference of parameters would round them. With `perturbed`, also
+    {parameter: largest relative change} over that many passes on images perturbed by
+    gc.PERTURBATION (relative, normal): how far float32's undecided masks move each gradient."""
     stage = train_ort.Stage(j.sidecar, workdir)
-    stage.forward_backward(feeds)
-    gradients = {n: stage.gradient(n) for n in j.sidecar["requires_grad"]}
-    missing = [n for n, g in gradients.items() if g is None]
-    assert not missing, f"ORT Training holds no gradient for {missing[:5]}"
-    return gradients
+
+    def gradients(values):
+        stage.forward_backward(values)
+        found = {n: stage.gradient(n) for n in j.sidecar["requires_grad"]}
+        missing = [n for n, g in found.items() if g is None]
+        assert not missing, f"ORT Training holds no gradient for {missing[:5]}"
+        return {n: np.array(g, copy=True) for n, g in found.items()}
+
+    reference = gradients(feeds)
+    moved = {n: 0.0 for n in reference}
+    rng = np.random.default_rng(1)
+    for _ in range(perturbed):
+        images = feeds["input"] * (1 + gc.PERTURBATION * rng.standard_normal(feeds["input"].shape)).astype(np.float32)
+        for n, g in gradients({**feeds, "input": images}).items():
+            moved[n] = max(moved[n], gc.relative_error(g, reference[n]))
+    return reference, moved
 
 
 @pytest.mark.parametrize("case", gc.joint_cases(), ids=lambda c: c.id)
@@ -114,5 +127,6 @@ def test_joint_case(case: gc.JointCase, joint, kdgraph_bin, tmp_path):
         np.savez(out / "inputs.npz", **feeds)
         np.savez(out / "inputs-zero.npz", **graph_feeds(j, case.batch, images=np.zeros_like(feeds["input"])))
         np.savez(out / "inputs-batch1.npz", **graph_feeds(j, 1))
-        gc.save_reference(out, gradient=ort_training_gradients(j, feeds, tmp_path / "artifacts"))
+        gradients, moved = ort_training_gradients(j, feeds, tmp_path / "artifacts", perturbed=gc.PERTURBED_RUNS)
+        gc.save_reference(out, gradient=gradients, maskflip=moved)
         gc.write_meta(out, **meta, graph=listing["model"], sidecar=j.path.with_suffix(".json").name, kdgraph_error=None)
