@@ -46,7 +46,11 @@ pub fn load(path: &Path, input_shape: Option<&[i64]>) -> Result<PreparedModel> {
 /// Loads and analyses one model: its stages, taps and shapes.
 pub fn inspect(path: &Path, input_shape: Option<&[i64]>) -> Result<ModelAnalysis> {
     let prepared = load(path, input_shape)?;
-    analysis::analyse(&prepared.loaded.proto, &prepared.loaded.display())
+    analysis::analyse(
+        &prepared.loaded.proto,
+        &prepared.loaded.modules,
+        &prepared.loaded.display(),
+    )
 }
 
 /// Both models, loaded, and the plan that pairs their taps.
@@ -130,8 +134,16 @@ pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Resu
         .as_mut()
         .expect("prepared models have graphs");
     let rewrites = onnx::ort_forms::rewrite_for_ort_training(graph, opset);
-    let t = analysis::analyse(&teacher.loaded.proto, &teacher.loaded.display())?;
-    let s = analysis::analyse(&student.loaded.proto, &student.loaded.display())?;
+    let t = analysis::analyse(
+        &teacher.loaded.proto,
+        &teacher.loaded.modules,
+        &teacher.loaded.display(),
+    )?;
+    let s = analysis::analyse(
+        &student.loaded.proto,
+        &student.loaded.modules,
+        &student.loaded.display(),
+    )?;
     let mut plan = plan::plan(t, s, options, &methods::all())?;
     let shown = student.loaded.display();
     plan.notes.extend(
