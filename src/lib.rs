@@ -77,6 +77,7 @@ pub fn check_request(
     let inputs = [teacher, student];
     if let Some(dot) = dot {
         onnx::io::ensure_not_an_input(dot, &inputs)?;
+        report::check_graphviz(dot)?;
     }
     let Some(output) = output else {
         return Ok(());
@@ -158,10 +159,16 @@ pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Resu
     })
 }
 
-/// Writes the plan's Graphviz picture to `path` (atomically).
+/// Writes the plan's Graphviz picture to `path` (atomically): DOT text, or rendered by Graphviz
+/// for a `.svg`, `.png` or `.pdf` file.
 pub fn write_dot(merge: &Merge, path: &Path) -> Result<()> {
+    let dot = report::plan_dot(&merge.plan);
+    let bytes = match report::graphviz_format(path) {
+        Some(format) => report::render_graphviz(&dot, format, path)?,
+        None => dot.into_bytes(),
+    };
     let mut write = onnx::io::AtomicWrite::new();
-    write.stage(path, report::plan_dot(&merge.plan).as_bytes())?;
+    write.stage(path, &bytes)?;
     write.commit()
 }
 
