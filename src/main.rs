@@ -200,7 +200,8 @@ struct MergeArgs {
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
-    /// Also write a Graphviz picture of both stage chains and the pairs to this file.
+    /// Also write a Graphviz picture of both models' taps and the pairs to this file: DOT text, or
+    /// rendered by Graphviz's `dot` for a .svg, .png or .pdf file.
     #[arg(long, value_name = "FILE")]
     dot: Option<PathBuf>,
     /// Pair these taps instead of the automatic pairing (repeatable). Each side is a tensor name, a

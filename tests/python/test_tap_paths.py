@@ -10,13 +10,17 @@ exports, whatever each exporter calls it.
 
 import json
 import subprocess
+import sys
 
-import numpy as np
 import pytest
 import torch
 
 import exports
+from conftest import ROOT
 from test_torchvision_taps import close, mismatch, run_with_outputs
+
+sys.path.insert(0, str(ROOT / "python"))
+import kdgraph  # noqa: E402  (the package under test, from the source tree)
 
 NAME = "resnet18"
 # Containers, blocks, and layers off the main path (a BatchNorm, a convolution inside a block).
@@ -38,7 +42,7 @@ def hooked_outputs(modules):
     return {m: seen[m].numpy() for m in modules}
 
 
-def kdgraph(kdgraph_bin, *args, check=True):
+def run_kdgraph(kdgraph_bin, *args, check=True):
     run = subprocess.run([str(kdgraph_bin), *map(str, args)], capture_output=True, text=True, timeout=600)
     if check:
         assert run.returncode == 0, f"kdgraph {' '.join(map(str, args))} failed:\n{run.stderr}"
@@ -48,7 +52,7 @@ def kdgraph(kdgraph_bin, *args, check=True):
 def plan(kdgraph_bin, teacher, student, taps):
     args = ["merge", teacher, student, "-m", "at", "--dry-run", "--json"]
     args += [a for t, s in taps for a in ("--tap", f"{t}={s}")]
-    return json.loads(kdgraph(kdgraph_bin, *args).stdout)
+    return json.loads(run_kdgraph(kdgraph_bin, *args).stdout)
 
 
 def check_values(path, chosen, want):
@@ -94,24 +98,37 @@ def test_a_stage_index_picks_that_stage(kdgraph_bin, teacher_mode, student_mode)
 def test_wrong_names_are_refused_with_module_suggestions(kdgraph_bin):
     teacher, student = exports.export(NAME, "ts-train"), exports.export(NAME, "dynamo-noopt")
     for side, tap, wrong in (("student", "layer3=layr2", "layr2"), ("teacher", "layer3.1.rellu=layer2", "layer3.1.rellu")):
-        run = kdgraph(kdgraph_bin, "merge", teacher, student, "-m", "at", "--dry-run", "--tap", tap, check=False)
+        run = run_kdgraph(kdgraph_bin, "merge", teacher, student, "-m", "at", "--dry-run", "--tap", tap, check=False)
         assert run.returncode == 2, run.stderr
         line = run.stderr.strip()
         assert line.count("\n") == 0 and f"no tensor or module `{wrong}`" in line, line
         assert f"{side} `{student if side == 'student' else teacher}`" in line, line
-    assert "nearest names: `layer2`" in kdgraph(
+    assert "nearest names: `layer2`" in run_kdgraph(
         kdgraph_bin, "merge", teacher, student, "-m", "at", "--dry-run", "--tap", "layer3=layr2", check=False).stderr
-    run = kdgraph(kdgraph_bin, "merge", teacher, student, "-m", "at", "--dry-run", "--tap", "teacher:9=student:1", check=False)
+    run = run_kdgraph(kdgraph_bin, "merge", teacher, student, "-m", "at", "--dry-run", "--tap", "teacher:9=student:1", check=False)
     assert run.returncode == 2 and "not 9" in run.stderr, run.stderr
-    run = kdgraph(kdgraph_bin, "merge", teacher, student, "-m", "at", "--dry-run", "--tap", "student:1=teacher:1", check=False)
+    run = run_kdgraph(kdgraph_bin, "merge", teacher, student, "-m", "at", "--dry-run", "--tap", "student:1=teacher:1", check=False)
     assert run.returncode == 2 and "left of `=`" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("mode", exports.MODES)
 def test_inspect_shows_each_stages_module(kdgraph_bin, mode):
-    stages = json.loads(kdgraph(kdgraph_bin, "inspect", exports.export(NAME, mode), "--json").stdout)["stages"]
+    stages = json.loads(run_kdgraph(kdgraph_bin, "inspect", exports.export(NAME, mode), "--json").stdout)["stages"]
     # resnet18 at 64x64: the stem ReLU, then layer1..layer4 (exports.py's expectations).
     assert len(stages) == 5, stages
     assert stages[0].get("module") == "relu", stages[0]
     for k, stage in enumerate(stages[1:], 1):
         assert stage.get("module", "").startswith(f"layer{k}."), (mode, stage)
+
+
+def test_the_python_api_passes_taps_through(kdgraph_bin, monkeypatch):
+    monkeypatch.setenv("KDGRAPH_BIN", str(kdgraph_bin))
+    teacher, student = exports.export(NAME, "ts-train"), exports.export(NAME, "dynamo-noopt")
+    taps = [("layer3", "layer2"), ("teacher:1", "student:1")]
+    got = kdgraph.merge(teacher, student, "at", dry_run=True, taps=taps)["plan"]["pairs"]
+    want = plan(kdgraph_bin, teacher, student, taps)["pairs"]
+    assert [(p["teacher"], p["student"]) for p in got] == [(p["teacher"], p["student"]) for p in want]
+    assert got[0]["teacher"]["tensor"] == "/layer3/layer3.1/relu_1/Relu_output_0", got[0]
+    with pytest.raises(kdgraph.KdgraphError) as error:
+        kdgraph.merge(teacher, student, "at", dry_run=True, taps={"layer3": "layr2"})
+    assert error.value.exit_code == 2 and "nearest names: `layer2`" in error.value.message
