@@ -275,11 +275,7 @@ pub fn analyse(
             .filter_map(|t| Some((t.clone(), scopes.module_path(t)?)))
             .collect(),
         data_tensors,
-        main_path: flow
-            .cuts_to(&logits)
-            .into_iter()
-            .map(String::from)
-            .collect(),
+        main_path: found.main_path.into_iter().collect(),
         shapes,
     })
 }

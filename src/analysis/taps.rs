@@ -31,6 +31,8 @@ pub struct Taps {
     pub logits: String,
     /// Observations worth showing the user (a head that was skipped, a merged stem, ...).
     pub notes: Vec<String>,
+    /// The main path: the tensors every data path from the input to the logits passes through.
+    pub main_path: Vec<String>,
 }
 
 /// Ops that may stand between a convolutional classifier and the logits.
@@ -175,6 +177,7 @@ pub fn find_taps(
         embedding,
         logits: logits.to_string(),
         notes,
+        main_path: cuts.iter().map(|t| t.to_string()).collect(),
     })
 }
 
