@@ -19,11 +19,40 @@ const MAX_HOPS: usize = 16;
 pub struct Scopes<'f, 'a> {
     pub flow: &'f Dataflow<'a>,
     recorded: &'f HashMap<String, String>,
+    /// The module paths of TorchScript node names as written (`layer1.0.relu_1`), with every
+    /// enclosing module.
+    named: HashSet<String>,
+    /// Modules that hold parameters, with every enclosing module (`layer1.0.conv1`, `layer1.0`, ...).
+    with_parameters: HashSet<String>,
 }
 
 impl<'f, 'a> Scopes<'f, 'a> {
     pub fn new(flow: &'f Dataflow<'a>, recorded: &'f HashMap<String, String>) -> Self {
-        Scopes { flow, recorded }
+        let paths: Vec<String> = flow
+            .graph
+            .node
+            .iter()
+            .filter_map(|n| name_path(&n.name))
+            .collect();
+        let named = paths
+            .iter()
+            .flat_map(|p| enclosing(p))
+            .map(str::to_string)
+            .collect();
+        let with_parameters = flow
+            .graph
+            .initializer
+            .iter()
+            .filter_map(|t| t.name.rsplit_once('.').map(|(path, _)| path))
+            .flat_map(enclosing)
+            .map(str::to_string)
+            .collect();
+        Scopes {
+            flow,
+            recorded,
+            named,
+            with_parameters,
+        }
     }
 
     /// The dotted module path of the node producing `tensor` (`layer1.0.conv1`), if one can be found.
@@ -49,23 +78,8 @@ impl<'f, 'a> Scopes<'f, 'a> {
         if let Some(path) = node.output.iter().find_map(|o| self.recorded.get(o)) {
             return Some(path.clone());
         }
-        // `/layer1/layer1.0/conv1/Conv`: the components before the op. A component that extends
-        // the previous one (`layer1` then `layer1.0`) replaces it.
-        if node.name.starts_with('/') {
-            let components: Vec<&str> = node.name.split('/').filter(|p| !p.is_empty()).collect();
-            if components.len() >= 2 {
-                let mut parts: Vec<&str> = Vec::new();
-                for component in &components[..components.len() - 1] {
-                    if parts
-                        .last()
-                        .is_some_and(|last| component.starts_with(&format!("{last}.")))
-                    {
-                        parts.pop();
-                    }
-                    parts.push(component);
-                }
-                return Some(parts.join("."));
-            }
+        if let Some(path) = name_path(&node.name) {
+            return Some(self.first_call(&path));
         }
         // `layer1.0.conv1.weight` read by the node.
         node.input
@@ -73,6 +87,62 @@ impl<'f, 'a> Scopes<'f, 'a> {
             .filter(|i| !self.flow.is_data(i) && i.contains('.') && self.flow.is_initializer(i))
             .find_map(|i| i.rsplit_once('.').map(|(path, _)| path.to_string()))
     }
+}
+
+impl Scopes<'_, '_> {
+    /// TorchScript names the second call of a module `relu_1`, the third `relu_2`: the module's
+    /// own path (`layer1.0.relu`, as torch.export records it) where a sibling of that name is
+    /// named too and `relu_1` holds no parameters of its own (then it is a module of its own).
+    fn first_call(&self, path: &str) -> String {
+        let mut out = String::new();
+        for part in path.split('.') {
+            let own = format!("{out}{part}");
+            let base = part
+                .rsplit_once('_')
+                .filter(|(base, n)| {
+                    !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                })
+                .map(|(base, _)| base);
+            let called = base.filter(|base| {
+                !self.with_parameters.contains(&own) && self.named.contains(&format!("{out}{base}"))
+            });
+            out.push_str(called.unwrap_or(part));
+            out.push('.');
+        }
+        out.pop();
+        out
+    }
+}
+
+/// The module path of a TorchScript node name: `/layer1/layer1.0/conv1/Conv` is `layer1.0.conv1`,
+/// the components before the op, where a component that extends the previous one (`layer1` then
+/// `layer1.0`) replaces it. None for other names and for nodes at the root (`/Flatten`).
+fn name_path(name: &str) -> Option<String> {
+    if !name.starts_with('/') {
+        return None;
+    }
+    let components: Vec<&str> = name.split('/').filter(|p| !p.is_empty()).collect();
+    if components.len() < 2 {
+        return None;
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for component in &components[..components.len() - 1] {
+        if parts
+            .last()
+            .is_some_and(|last| component.starts_with(&format!("{last}.")))
+        {
+            parts.pop();
+        }
+        parts.push(component);
+    }
+    Some(parts.join("."))
+}
+
+/// `layer1.0.conv1` and the modules that enclose it: `layer1.0`, `layer1`.
+fn enclosing(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('.')
+        .map(|(i, _)| &path[..i])
+        .chain(std::iter::once(path))
 }
 
 /// Whether `path` is `module` or lies inside it (`layer1.0.relu` inside `layer1` and `layer1.0`).
@@ -102,14 +172,10 @@ pub fn all_paths(modules: &[(String, String)]) -> Vec<String> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for (_, path) in modules {
-        let mut end = 0;
-        for part in path.split('.') {
-            end += part.len();
-            let prefix = &path[..end];
+        for prefix in enclosing(path) {
             if seen.insert(prefix) {
                 out.push(prefix.to_string());
             }
-            end += 1;
         }
     }
     out
@@ -146,6 +212,49 @@ mod tests {
         );
         assert_eq!(module_output(&modules(), &main, "layer"), None);
         assert_eq!(module_output(&modules(), &main, "layer4"), None);
+    }
+
+    #[test]
+    fn torchscript_names_give_module_paths_with_repeated_calls_folded() {
+        let node = |name: &str, input: &str, output: &str| pb::NodeProto {
+            name: name.into(),
+            input: vec![input.into()],
+            output: vec![output.into()],
+            ..Default::default()
+        };
+        let graph = pb::GraphProto {
+            node: vec![
+                node("/block/relu/Relu", "x", "a"),
+                node("/block/relu_1/Relu", "a", "b"),
+                node("/block/conv/Conv", "b", "c"),
+                node("/block/conv_1/Conv", "c", "d"),
+                node("/block/act_1/Relu", "d", "e"),
+                node("/Flatten", "e", "f"),
+            ],
+            input: vec![pb::ValueInfoProto {
+                name: "x".into(),
+                ..Default::default()
+            }],
+            initializer: vec![pb::TensorProto {
+                name: "block.conv_1.weight".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let flow = Dataflow::new(&graph);
+        let recorded = HashMap::from([("c".to_string(), "block.recorded".to_string())]);
+        let scopes = Scopes::new(&flow, &recorded);
+        let path = |t: &str| scopes.module_path(t);
+        // The second call of `relu` is `relu`; `conv_1` holds parameters: a module of its own;
+        // `act_1` has no `act` beside it.
+        assert_eq!(path("a").as_deref(), Some("block.relu"));
+        assert_eq!(path("b").as_deref(), Some("block.relu"));
+        assert_eq!(path("c").as_deref(), Some("block.recorded"));
+        assert_eq!(path("d").as_deref(), Some("block.conv_1"));
+        assert_eq!(path("e").as_deref(), Some("block.act_1"));
+        // A node at the root takes the scope of its input.
+        assert_eq!(path("f").as_deref(), Some("block.act_1"));
+        assert_eq!(scopes.scope("b", 1).as_deref(), Some("block"));
     }
 
     #[test]
