@@ -21,7 +21,11 @@ pub fn exercise(bytes: &[u8]) -> Vec<String> {
         Ok(prepared) => prepared,
         Err(e) => return vec![e.to_string()],
     };
-    let analysis = match analysis::analyse(&prepared.loaded.proto, "fuzz.onnx") {
+    let analysis = match analysis::analyse(
+        &prepared.loaded.proto,
+        &prepared.loaded.modules,
+        "fuzz.onnx",
+    ) {
         Ok(analysis) => analysis,
         Err(e) => return vec![e.to_string()],
     };

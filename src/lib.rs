@@ -46,7 +46,11 @@ pub fn load(path: &Path, input_shape: Option<&[i64]>) -> Result<PreparedModel> {
 /// Loads and analyses one model: its stages, taps and shapes.
 pub fn inspect(path: &Path, input_shape: Option<&[i64]>) -> Result<ModelAnalysis> {
     let prepared = load(path, input_shape)?;
-    analysis::analyse(&prepared.loaded.proto, &prepared.loaded.display())
+    analysis::analyse(
+        &prepared.loaded.proto,
+        &prepared.loaded.modules,
+        &prepared.loaded.display(),
+    )
 }
 
 /// Both models, loaded, and the plan that pairs their taps.
@@ -73,6 +77,7 @@ pub fn check_request(
     let inputs = [teacher, student];
     if let Some(dot) = dot {
         onnx::io::ensure_not_an_input(dot, &inputs)?;
+        report::check_graphviz(dot)?;
     }
     let Some(output) = output else {
         return Ok(());
@@ -130,8 +135,16 @@ pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Resu
         .as_mut()
         .expect("prepared models have graphs");
     let rewrites = onnx::ort_forms::rewrite_for_ort_training(graph, opset);
-    let t = analysis::analyse(&teacher.loaded.proto, &teacher.loaded.display())?;
-    let s = analysis::analyse(&student.loaded.proto, &student.loaded.display())?;
+    let t = analysis::analyse(
+        &teacher.loaded.proto,
+        &teacher.loaded.modules,
+        &teacher.loaded.display(),
+    )?;
+    let s = analysis::analyse(
+        &student.loaded.proto,
+        &student.loaded.modules,
+        &student.loaded.display(),
+    )?;
     let mut plan = plan::plan(t, s, options, &methods::all())?;
     let shown = student.loaded.display();
     plan.notes.extend(
@@ -146,10 +159,16 @@ pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Resu
     })
 }
 
-/// Writes the plan's Graphviz picture to `path` (atomically).
+/// Writes the plan's Graphviz picture to `path` (atomically): DOT text, or rendered by Graphviz
+/// for a `.svg`, `.png` or `.pdf` file.
 pub fn write_dot(merge: &Merge, path: &Path) -> Result<()> {
+    let dot = report::plan_dot(&merge.plan);
+    let bytes = match report::graphviz_format(path) {
+        Some(format) => report::render_graphviz(&dot, format, path)?,
+        None => dot.into_bytes(),
+    };
     let mut write = onnx::io::AtomicWrite::new();
-    write.stage(path, report::plan_dot(&merge.plan).as_bytes())?;
+    write.stage(path, &bytes)?;
     write.commit()
 }
 

@@ -200,11 +200,14 @@ struct MergeArgs {
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
-    /// Also write a Graphviz picture of both stage chains and the pairs to this file.
+    /// Also write a Graphviz picture of both models' taps and the pairs to this file: DOT text, or
+    /// rendered by Graphviz's `dot` for a .svg, .png or .pdf file.
     #[arg(long, value_name = "FILE")]
     dot: Option<PathBuf>,
-    /// Pair these tensors instead of the automatic pairing (repeatable).
-    #[arg(long = "tap", value_name = "TEACHER_TENSOR=STUDENT_TENSOR", value_parser = parse_tap)]
+    /// Pair these taps instead of the automatic pairing (repeatable). Each side is a tensor name, a
+    /// module path (its output: `--tap layer3=layer2`), or a stage index with its role's prefix
+    /// (`--tap teacher:3=student:2`).
+    #[arg(long = "tap", value_name = "TEACHER=STUDENT", value_parser = parse_tap)]
     taps: Vec<(String, String)>,
     /// Sizes of the image input besides the batch (C,H,W), for models exported with symbolic sizes.
     #[arg(long, value_name = "C,H,W", value_parser = parse_dims)]
@@ -298,7 +301,9 @@ impl MergeArgs {
 fn parse_tap(s: &str) -> std::result::Result<(String, String), String> {
     match s.split_once('=') {
         Some((t, s)) if !t.is_empty() && !s.is_empty() => Ok((t.to_string(), s.to_string())),
-        _ => Err(format!("expected TEACHER_TENSOR=STUDENT_TENSOR, got `{s}`")),
+        _ => Err(format!(
+            "expected TEACHER=STUDENT (tensor names, module paths or teacher:N=student:N), got `{s}`"
+        )),
     }
 }
 

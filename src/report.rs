@@ -1,8 +1,12 @@
 //! Renderings for people and programs: text, JSON and Graphviz DOT of an analysis or a plan.
 
 use std::fmt::Write;
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use crate::analysis::{show_shape, ModelAnalysis, TensorInfo};
+use crate::error::{Error, Result};
 use crate::plan::{Pairing, Plan, TapKind};
 
 /// `kdgraph inspect` as text.
@@ -76,17 +80,7 @@ pub fn plan_text(plan: &Plan) -> String {
             show_shape(&model.logits.shape)
         );
     }
-    let h = &plan.hyper;
-    let mut terms = vec![format!("{} * CE", h.gamma)];
-    if h.alpha > 0.0 {
-        terms.push(format!("{} * KD(T={})", h.alpha, h.temperature));
-    }
-    terms.extend(
-        h.beta
-            .iter()
-            .map(|(m, b)| format!("{b} * {}", m.as_str().to_uppercase())),
-    );
-    let _ = writeln!(out, "loss = {}", terms.join(" + "));
+    let _ = writeln!(out, "{}", loss_formula(plan));
     let pairs_stage_ends = plan.methods.iter().any(|m| {
         matches!(
             m.spec().taps,
@@ -150,97 +144,215 @@ pub fn plan_text(plan: &Plan) -> String {
     out
 }
 
+/// `loss = 0.1 * CE + 0.9 * KD(T=4) + 1000 * AT`.
+fn loss_formula(plan: &Plan) -> String {
+    let h = &plan.hyper;
+    let mut terms = vec![format!("{} * CE", h.gamma)];
+    if h.alpha > 0.0 {
+        terms.push(format!("{} * KD(T={})", h.alpha, h.temperature));
+    }
+    terms.extend(
+        h.beta
+            .iter()
+            .map(|(m, b)| format!("{b} * {}", m.as_str().to_uppercase())),
+    );
+    format!("loss = {}", terms.join(" + "))
+}
+
 /// The dry-run report as JSON.
 pub fn plan_json(plan: &Plan) -> String {
     serde_json::to_string_pretty(plan).expect("a plan always serialises")
 }
 
-/// Both models' chains of taps as Graphviz clusters, with the chosen pairs drawn between them.
+/// Both models' chains of taps as Graphviz clusters side by side (input at the top), the chosen
+/// pairs as arrows from the teacher's tap to the student's, labelled by method. A tap off the chain (a pre-ReLU point, a
+/// tensor chosen with `--tap`) is a dashed box in its model's column, where the graph computes it.
 pub fn plan_dot(plan: &Plan) -> String {
-    let mut out = String::from("digraph kdgraph {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
-    let mut drawn = std::collections::HashSet::new();
+    let mut out = String::from("digraph kdgraph {\n");
+    let _ = writeln!(
+        out,
+        "  rankdir=TB; nodesep=0.25; ranksep=0.25; labelloc=t; fontname=\"Helvetica\"; fontsize=12;\n  \
+         label={};\n  node [shape=box, style=rounded, fontname=\"Helvetica\", fontsize=10, margin=\"0.08,0.03\"];\n  \
+         edge [arrowsize=0.6, fontname=\"Helvetica\"];",
+        quote(&loss_formula(plan))
+    );
     for (role, model) in [("teacher", &plan.teacher), ("student", &plan.student)] {
-        let _ = writeln!(
-            out,
-            "  subgraph cluster_{role} {{\n    label={};",
-            quote(&format!("{role}: {}", model.model))
-        );
-        let mut chain: Vec<(String, TensorInfo, String)> = model
-            .stages
-            .iter()
-            .map(|s| (s.name.clone(), s.info(), s.tensor.clone()))
-            .collect();
-        chain.push((
-            "embedding".into(),
-            model.embedding.clone(),
-            model.embedding.tensor.clone(),
-        ));
-        chain.push((
-            "logits".into(),
-            model.logits.clone(),
-            model.logits.tensor.clone(),
-        ));
-        for (name, info, tensor) in &chain {
-            drawn.insert(format!("{role}:{tensor}"));
-            let label = format!("{name}\n{}\n{tensor}", show_shape(&info.shape));
-            let _ = writeln!(
-                out,
-                "    {} [label={}];",
-                quote(&format!("{role}:{tensor}")),
-                quote(&label)
-            );
-        }
-        for pair in chain.windows(2) {
-            let _ = writeln!(
-                out,
-                "    {} -> {};",
-                quote(&format!("{role}:{}", pair[0].2)),
-                quote(&format!("{role}:{}", pair[1].2))
-            );
-        }
-        out.push_str("  }\n");
+        draw_model(&mut out, plan, role, model);
     }
+    // One edge per pair of tensors, labelled with every method that compares them.
+    let mut edges: Vec<(&str, &str, Vec<&str>)> = Vec::new();
     for pair in &plan.pairs {
-        let (t, s) = (&pair.teacher.tensor, &pair.student.tensor);
-        // Pre-ReLU and hand-picked taps are not on the chain: give them a node of their own.
-        for (role, info, model) in [
-            ("teacher", &pair.teacher, &plan.teacher),
-            ("student", &pair.student, &plan.student),
-        ] {
-            let id = format!("{role}:{}", info.tensor);
-            if drawn.insert(id.clone()) {
-                let label = format!("{}\n{}", show_shape(&info.shape), info.tensor);
-                let _ = writeln!(
-                    out,
-                    "  {} [label={}, style=dotted];",
-                    quote(&id),
-                    quote(&label)
-                );
-                // A pre-ReLU tap feeds its stage's end.
-                if let Some(stage) = model
-                    .stages
-                    .iter()
-                    .find(|s| s.pre_relu.as_deref() == Some(info.tensor.as_str()))
-                {
-                    let end = quote(&format!("{role}:{}", stage.tensor));
-                    let _ = writeln!(
-                        out,
-                        "  {} -> {end} [style=dotted, label=\"ReLU\"];",
-                        quote(&id)
-                    );
-                }
-            }
+        let (t, s) = (pair.teacher.tensor.as_str(), pair.student.tensor.as_str());
+        match edges.iter_mut().find(|(et, es, _)| (*et, *es) == (t, s)) {
+            Some((_, _, methods)) => methods.push(pair.method.as_str()),
+            None => edges.push((t, s, vec![pair.method.as_str()])),
         }
+    }
+    for (t, s, methods) in edges {
         let _ = writeln!(
             out,
-            "  {} -> {} [dir=none, style=dashed, color=blue, label={}];",
-            quote(&format!("teacher:{t}")),
-            quote(&format!("student:{s}")),
-            quote(pair.method.as_str())
+            "  {}:e -> {}:w [constraint=false, style=dashed, color=\"#1f5fbf\", fontcolor=\"#1f5fbf\", fontsize=9, label={}];",
+            node_id("teacher", t),
+            node_id("student", s),
+            quote(&methods.join(", "))
         );
     }
     out.push_str("}\n");
     out
+}
+
+/// One model's cluster: a column of its stages, embedding and logits, with the taps off that
+/// chain (dashed) inserted where the graph computes them.
+fn draw_model(out: &mut String, plan: &Plan, role: &str, model: &ModelAnalysis) {
+    let _ = writeln!(
+        out,
+        "  subgraph cluster_{role} {{\n    label={}; style=rounded; color=\"#888888\";",
+        quote(&format!(
+            "{role}\n{}",
+            shorten(&model.model, DOT_NAME_CHARS)
+        ))
+    );
+    let stages: Vec<TensorInfo> = model.stages.iter().map(|s| s.info()).collect();
+    let mut column: Vec<(String, &TensorInfo, bool)> = model
+        .stages
+        .iter()
+        .zip(&stages)
+        .map(|(stage, info)| (stage.name.clone(), info, true))
+        .collect();
+    column.push(("embedding".into(), &model.embedding, true));
+    column.push(("logits".into(), &model.logits, true));
+    for pair in &plan.pairs {
+        let info = if role == "teacher" {
+            &pair.teacher
+        } else {
+            &pair.student
+        };
+        if column.iter().any(|(_, i, _)| i.tensor == info.tensor) {
+            continue;
+        }
+        let name = match model
+            .stages
+            .iter()
+            .find(|s| s.pre_relu.as_deref() == Some(info.tensor.as_str()))
+        {
+            Some(stage) => format!("{} pre-ReLU", stage.name),
+            None => "--tap".to_string(),
+        };
+        column.push((name, info, false));
+    }
+    // Graph order: every tap is computed from the input, so each one is a data tensor.
+    let position = |t: &str| model.data_tensors.iter().position(|d| d == t);
+    column.sort_by_key(|(_, info, _)| position(&info.tensor));
+    for (name, info, on_chain) in &column {
+        let style = if *on_chain {
+            ""
+        } else {
+            ", style=\"rounded,dashed\""
+        };
+        let _ = writeln!(
+            out,
+            "    {} [label={}{style}];",
+            node_id(role, &info.tensor),
+            quote(&tap_label(name, info, model))
+        );
+    }
+    for pair in column.windows(2) {
+        let style = if pair[0].2 && pair[1].2 {
+            ""
+        } else {
+            " [style=dotted]"
+        };
+        let _ = writeln!(
+            out,
+            "    {} -> {}{style};",
+            node_id(role, &pair[0].1.tensor),
+            node_id(role, &pair[1].1.tensor)
+        );
+    }
+    out.push_str("  }\n");
+}
+
+/// A box's text: the tap's name and shape, its module where known, and its tensor (shortened).
+fn tap_label(name: &str, info: &TensorInfo, model: &ModelAnalysis) -> String {
+    let mut label = format!("{name}  {}", show_shape(&info.shape));
+    if let Some(module) = model.module_of(&info.tensor) {
+        let _ = write!(label, "\nmodule {module}");
+    }
+    let _ = write!(label, "\n{}", shorten(&info.tensor, DOT_NAME_CHARS));
+    label
+}
+
+/// Longest tensor name a DOT box shows in full: two columns of boxes fit an A4 page's width.
+const DOT_NAME_CHARS: usize = 30;
+
+/// `name`, or its last `max - 1` characters after an ellipsis.
+fn shorten(name: &str, max: usize) -> String {
+    let count = name.chars().count();
+    if count <= max {
+        return name.to_string();
+    }
+    let tail: String = name.chars().skip(count - (max - 1)).collect();
+    format!("…{tail}")
+}
+
+fn node_id(role: &str, tensor: &str) -> String {
+    quote(&format!("{role}:{tensor}"))
+}
+
+/// The Graphviz output format a `--dot` file's extension asks for; None for DOT text.
+pub fn graphviz_format(path: &Path) -> Option<&'static str> {
+    let extension = path.extension()?.to_str()?.to_ascii_lowercase();
+    ["svg", "png", "pdf"].into_iter().find(|f| *f == extension)
+}
+
+/// Refuses a `--dot` file to render when Graphviz's `dot` cannot be run.
+pub fn check_graphviz(path: &Path) -> Result<()> {
+    let Some(format) = graphviz_format(path) else {
+        return Ok(());
+    };
+    match Command::new("dot").arg("-V").output() {
+        Ok(run) if run.status.success() => Ok(()),
+        _ => Err(Error::usage(format!(
+            "--dot `{}`: writing {} needs Graphviz's `dot` command, which is not on PATH; install Graphviz \
+             (apt-get install graphviz, brew install graphviz) or write DOT text with `--dot plan.dot`",
+            path.display(),
+            format.to_uppercase()
+        ))),
+    }
+}
+
+/// DOT text rendered by Graphviz's `dot` in `format` (svg, png, pdf).
+pub fn render_graphviz(dot: &str, format: &str, path: &Path) -> Result<Vec<u8>> {
+    let failed = |why: String| {
+        Error::io(format!(
+            "--dot `{}`: Graphviz's `dot` failed: {why}",
+            path.display()
+        ))
+    };
+    let mut child = Command::new("dot")
+        .arg(format!("-T{format}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| failed(e.to_string()))?;
+    // dot reads all of its input before it writes anything.
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(dot.as_bytes())
+        .map_err(|e| failed(e.to_string()))?;
+    let run = child
+        .wait_with_output()
+        .map_err(|e| failed(e.to_string()))?;
+    if !run.status.success() {
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        return Err(failed(
+            stderr.lines().next().unwrap_or("no message").to_string(),
+        ));
+    }
+    Ok(run.stdout)
 }
 
 fn quote(s: &str) -> String {

@@ -61,7 +61,9 @@ def merge(
         dry_run: plan only, write nothing.
         alpha, gamma, temperature: ``--alpha``, ``--gamma``, ``-T``.
         beta: one weight (one feature method), or ``{method: weight}``.
-        taps: pairs of (teacher tensor, student tensor) replacing the automatic pairing.
+        taps: pairs of (teacher tap, student tap) replacing the automatic pairing, each passed
+            to ``--tap`` unchanged: a tensor name, a module path (``("layer3", "layer2")``: the
+            module's output) or a stage index with its role's prefix (``("teacher:3", "student:2")``).
         emit: ``"joint"``, ``"gradients"`` or ``"step"``.
         optimizer: the step graph's ``"adamw"`` or ``"sgd"``.
         pairing: ``"position"`` or ``"resolution"``.

@@ -8,7 +8,7 @@ pub mod shapes;
 pub mod support;
 pub mod taps;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -91,6 +91,12 @@ pub struct ModelAnalysis {
     /// Tensors computed from the inputs' values (not weights, not shapes): what `--tap` may name.
     #[serde(skip)]
     pub data_tensors: Vec<String>,
+    /// The module path of each data tensor that has one, in graph order.
+    #[serde(skip)]
+    pub tensor_modules: Vec<(String, String)>,
+    /// The tensors every path from the input to the logits passes through.
+    #[serde(skip)]
+    pub main_path: HashSet<String>,
 }
 
 /// A BatchNormalization's name and its constant per-channel scale (gamma) and shift (beta).
@@ -102,12 +108,35 @@ pub struct BatchNormParams {
 }
 
 impl ModelAnalysis {
-    /// The module path of a tap: its stage's where it is a stage tensor or its pre-ReLU point.
+    /// The module path of a tap: its stage's where it is a stage tensor or its pre-ReLU point,
+    /// else the tensor's own.
     pub fn module_of(&self, tensor: &str) -> Option<String> {
-        self.stages
+        match self
+            .stages
             .iter()
             .find(|s| s.tensor == tensor || s.pre_relu.as_deref() == Some(tensor))
-            .and_then(|s| s.module.clone())
+        {
+            Some(stage) => stage.module.clone(),
+            None => self
+                .tensor_modules
+                .iter()
+                .find(|(t, _)| t == tensor)
+                .map(|(_, m)| m.clone()),
+        }
+    }
+
+    /// The output of the module at `path` (see [`scopes::module_output`]), with its shape.
+    pub fn module_output(&self, path: &str) -> Option<TensorInfo> {
+        self.data_info(scopes::module_output(
+            &self.tensor_modules,
+            &self.main_path,
+            path,
+        )?)
+    }
+
+    /// Every module path the export records, enclosing modules included.
+    pub fn module_paths(&self) -> Vec<String> {
+        scopes::all_paths(&self.tensor_modules)
     }
 
     /// The BatchNorm whose output is `tensor`, or is added into it.
@@ -132,7 +161,12 @@ impl ModelAnalysis {
 }
 
 /// Analyses a normalised model; `shown` is the file name used in messages.
-pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
+/// `modules` holds the module paths the export recorded per node output (`LoadedModel::modules`).
+pub fn analyse(
+    model: &pb::ModelProto,
+    modules: &HashMap<String, String>,
+    shown: &str,
+) -> Result<ModelAnalysis> {
     let graph = model
         .graph
         .as_ref()
@@ -140,6 +174,7 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
     let (opset, ir_version) = support::check_versions(model, shown)?;
     let shapes = shapes::infer_shapes(model, shown)?;
     let flow = Dataflow::new(graph);
+    let scopes = scopes::Scopes::new(&flow, modules);
     let initializers = proto::initializers(graph);
     let inputs: Vec<InputInfo> = graph
         .input
@@ -175,7 +210,7 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         )));
     }
     let logits = find_logits(graph, &shapes, shown)?;
-    let found = taps::find_taps(&flow, &shapes, &logits, shown)?;
+    let found = taps::find_taps(&scopes, &shapes, &logits, shown)?;
     let info = |t: &str| TensorInfo {
         tensor: t.to_string(),
         shape: shapes.get(t).cloned().unwrap_or_default(),
@@ -193,7 +228,7 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
             },
             tensor: tensor.clone(),
             shape: info(tensor).shape,
-            module: scopes::module_path(&flow, tensor),
+            module: scopes.module_path(tensor),
             pre_relu: taps::pre_relu(&flow, tensor)
                 .or_else(|| {
                     (index > 0)
@@ -211,6 +246,13 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
                 .into(),
         );
     }
+    let data_tensors: Vec<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter())
+        .filter(|t| flow.is_data(t))
+        .cloned()
+        .collect();
     let batchnorms = graph
         .node
         .iter()
@@ -228,13 +270,12 @@ pub fn analyse(model: &pb::ModelProto, shown: &str) -> Result<ModelAnalysis> {
         batchnorm_outputs: batchnorm_outputs(graph, &flow),
         opset,
         ir_version,
-        data_tensors: graph
-            .node
+        tensor_modules: data_tensors
             .iter()
-            .flat_map(|n| n.output.iter())
-            .filter(|t| flow.is_data(t))
-            .cloned()
+            .filter_map(|t| Some((t.clone(), scopes.module_path(t)?)))
             .collect(),
+        data_tensors,
+        main_path: found.main_path.into_iter().collect(),
         shapes,
     })
 }

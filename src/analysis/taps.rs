@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::dataflow::Dataflow;
-use super::scopes::scope;
+use super::scopes::Scopes;
 use super::shapes::{fixed, Shape};
 use crate::error::{Error, Result};
 use crate::onnx::{pb, proto};
@@ -31,6 +31,8 @@ pub struct Taps {
     pub logits: String,
     /// Observations worth showing the user (a head that was skipped, a merged stem, ...).
     pub notes: Vec<String>,
+    /// The main path: the tensors every data path from the input to the logits passes through.
+    pub main_path: Vec<String>,
 }
 
 /// Ops that may stand between a convolutional classifier and the logits.
@@ -71,11 +73,12 @@ fn conv_classifier(
 
 /// Finds the taps of a model from its dataflow and tensor shapes.
 pub fn find_taps(
-    flow: &Dataflow,
+    scopes: &Scopes,
     shapes: &HashMap<String, Shape>,
     logits: &str,
     shown: &str,
 ) -> Result<Taps> {
+    let flow = scopes.flow;
     let cuts = flow.cuts_to(logits);
     let mut notes = Vec::new();
     let classifier = cuts
@@ -158,9 +161,9 @@ pub fn find_taps(
     }
 
     let first_stage = spatial[0].clone();
-    if let Some(stem) = first_unit_end(flow, &groups[0], &first_stage) {
+    if let Some(stem) = first_unit_end(scopes, &groups[0], &first_stage) {
         if stem != first_stage {
-            if told_apart(flow, shapes, stem, &first_stage) {
+            if told_apart(scopes, shapes, stem, &first_stage) {
                 spatial.insert(0, stem.to_string());
             } else {
                 notes.push(format!(
@@ -174,6 +177,7 @@ pub fn find_taps(
         embedding,
         logits: logits.to_string(),
         notes,
+        main_path: cuts.iter().map(|t| t.to_string()).collect(),
     })
 }
 
@@ -262,7 +266,8 @@ fn is_gated_activation(flow: &Dataflow, node: &pb::NodeProto) -> bool {
 /// The end of the first conv unit in a group: the first Conv, then the BatchNormalization and
 /// activations after it. When that unit does not reach the first stage's end, it stops where
 /// nodes of the first stage's block begin (as a WideResNet's pre-activation BN does).
-fn first_unit_end<'a>(flow: &Dataflow, group: &[&'a str], first_stage: &str) -> Option<&'a str> {
+fn first_unit_end<'a>(scopes: &Scopes, group: &[&'a str], first_stage: &str) -> Option<&'a str> {
+    let flow = scopes.flow;
     let start = group.iter().position(|t| op_of(flow, t) == "Conv")?;
     let extends = |i: usize| {
         i + 1 < group.len() && {
@@ -277,9 +282,10 @@ fn first_unit_end<'a>(flow: &Dataflow, group: &[&'a str], first_stage: &str) -> 
     if group[end] == first_stage {
         return Some(group[end]);
     }
-    let stage_block = scope(flow, first_stage, 2);
+    let stage_block = scopes.scope(first_stage, 2);
     let mut end = start;
-    while extends(end) && (stage_block.is_none() || scope(flow, group[end + 1], 2) != stage_block) {
+    while extends(end) && (stage_block.is_none() || scopes.scope(group[end + 1], 2) != stage_block)
+    {
         end += 1;
     }
     Some(group[end])
@@ -287,13 +293,13 @@ fn first_unit_end<'a>(flow: &Dataflow, group: &[&'a str], first_stage: &str) -> 
 
 /// The stem is a stage of its own where channel count or module scope tells it from the first stage.
 fn told_apart(
-    flow: &Dataflow,
+    scopes: &Scopes,
     shapes: &HashMap<String, Shape>,
     stem: &str,
     first_stage: &str,
 ) -> bool {
     channels(shapes, stem) != channels(shapes, first_stage)
-        || scope(flow, stem, 1) != scope(flow, first_stage, 1)
+        || scopes.scope(stem, 1) != scopes.scope(first_stage, 1)
 }
 
 /// Where a group ends in a unit that is not part of its stage, the tensor before that unit. Such a

@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 pub struct LoadedModel {
     pub path: PathBuf,
     pub proto: pb::ModelProto,
+    /// The module path torch.export recorded for each node output (empty for other exporters).
+    pub modules: HashMap<String, String>,
 }
 
 impl LoadedModel {
@@ -91,6 +93,7 @@ pub fn decode_model(bytes: &[u8], path: &Path) -> Result<LoadedModel> {
     Ok(LoadedModel {
         path: path.to_path_buf(),
         proto,
+        modules: super::metadata::recorded_modules(bytes),
     })
 }
 

@@ -4,6 +4,7 @@ pub mod blocks;
 pub mod builder;
 pub mod edit;
 pub mod io;
+pub mod metadata;
 pub mod normalize;
 pub mod ort_forms;
 pub mod ort_training;

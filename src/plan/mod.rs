@@ -4,6 +4,7 @@
 
 pub mod connector;
 pub mod spec;
+mod tap_names;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,7 +16,6 @@ use crate::analysis::{
     show_shape, BatchNormParams, ModelAnalysis, NetworkStage, Shape, TensorInfo,
 };
 use crate::error::{Error, Result};
-use crate::suggest::nearest;
 pub use connector::{Connector, ConvInit, Layer, Side};
 pub use spec::{
     option_value, InitStage, MethodName, MethodSpec, OptionKind, OptionSpec, OptionValue,
@@ -313,7 +313,7 @@ pub fn plan(
             }
         }
     }
-    let overrides = resolve_taps(&teacher, &student, &options.taps)?;
+    let overrides = resolve_taps(&teacher, &student, &options.taps, &mut notes)?;
     let mut pairs = Vec::new();
     for &method in &methods {
         let spec = method.spec();
@@ -782,39 +782,23 @@ fn pool_for(teacher: &TensorInfo, student: &TensorInfo) -> Option<Pool> {
     }
 }
 
-/// Checks `--tap` names against both models and turns them into pairs.
+/// Resolves `--tap` names against both models and turns them into pairs.
 fn resolve_taps(
     teacher: &ModelAnalysis,
     student: &ModelAnalysis,
     taps: &[(String, String)],
+    notes: &mut Vec<String>,
 ) -> Result<Option<Vec<Candidate>>> {
     if taps.is_empty() {
         return Ok(None);
     }
-    let find = |model: &ModelAnalysis, role: &str, name: &str| -> Result<TensorInfo> {
-        model.data_info(name).ok_or_else(|| {
-            let close = nearest(name, model.data_tensors.iter().map(String::as_str), 3);
-            Error::usage(format!(
-                "--tap: {role} `{}` has no tensor `{name}`; nearest names: {}",
-                model.model,
-                close
-                    .iter()
-                    .map(|c| format!("`{c}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })
-    };
-    taps.iter()
-        .enumerate()
-        .map(|(i, (t, s))| {
-            Ok((
-                format!("tap{}", i + 1),
-                format!("tap{}", i + 1),
-                find(teacher, "teacher", t)?,
-                find(student, "student", s)?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    let mut pairs = Vec::with_capacity(taps.len());
+    for (i, (t, s)) in taps.iter().enumerate() {
+        let (t, t_note) = tap_names::resolve(teacher, "teacher", t)?;
+        let (s, s_note) = tap_names::resolve(student, "student", s)?;
+        notes.extend(t_note.into_iter().chain(s_note));
+        let label = format!("tap{}", i + 1);
+        pairs.push((label.clone(), label, t, s));
+    }
+    Ok(Some(pairs))
 }
