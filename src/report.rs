@@ -29,11 +29,7 @@ pub fn analysis_text(a: &ModelAnalysis) -> String {
             Some(t) => format!("pre-ReLU `{t}`"),
             None => "no pre-ReLU tap".to_string(),
         };
-        let module = stage
-            .module
-            .as_ref()
-            .map(|m| format!("  module {m}"))
-            .unwrap_or_default();
+        let module = module_note(&stage.module);
         let _ = writeln!(
             out,
             "  {}  {:<7} {:<18} `{}`  ({pre}){module}",
@@ -43,10 +39,28 @@ pub fn analysis_text(a: &ModelAnalysis) -> String {
             stage.tensor
         );
     }
-    let _ = writeln!(out, "embedding: {}", tensor(&a.embedding));
-    let _ = writeln!(out, "logits:    {}", tensor(&a.logits));
+    let _ = writeln!(
+        out,
+        "embedding: {}{}",
+        tensor(&a.embedding),
+        module_note(&a.embedding_module)
+    );
+    let _ = writeln!(
+        out,
+        "logits:    {}{}",
+        tensor(&a.logits),
+        module_note(&a.logits_module)
+    );
     lines(&mut out, "notes", &a.notes);
     out
+}
+
+/// `  module <path>` where the export records the module, else nothing.
+fn module_note(module: &Option<String>) -> String {
+    module
+        .as_ref()
+        .map(|m| format!("  module {m}"))
+        .unwrap_or_default()
 }
 
 fn tensor(t: &TensorInfo) -> String {

@@ -68,6 +68,12 @@ pub struct ModelAnalysis {
     pub stages: Vec<NetworkStage>,
     pub embedding: TensorInfo,
     pub logits: TensorInfo,
+    /// The modules the embedding and the logits belong to (`avgpool`, `fc`), where the export
+    /// records them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding_module: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logits_module: Option<String>,
     /// How the taps were chosen where a rule had to decide.
     pub notes: Vec<String>,
     /// Number of BatchNormalization nodes (0 means folded away or absent).
@@ -264,6 +270,8 @@ pub fn analyse(
         stages,
         embedding: info(&found.embedding),
         logits: info(&found.logits),
+        embedding_module: scopes.module_path(&found.embedding),
+        logits_module: scopes.module_path(&found.logits),
         notes,
         batchnorms,
         other_norms: other_normalisations(graph),

@@ -112,8 +112,11 @@ def test_wrong_names_are_refused_with_module_suggestions(kdgraph_bin):
 
 
 @pytest.mark.parametrize("mode", exports.MODES)
-def test_inspect_shows_each_stages_module(kdgraph_bin, mode):
-    stages = json.loads(run_kdgraph(kdgraph_bin, "inspect", exports.export(NAME, mode), "--json").stdout)["stages"]
+def test_inspect_shows_each_taps_module(kdgraph_bin, mode):
+    shown = json.loads(run_kdgraph(kdgraph_bin, "inspect", exports.export(NAME, mode), "--json").stdout)
+    # The embedding is torch.flatten of avgpool's output (no module of its own), the logits fc's.
+    assert (shown.get("embedding_module"), shown.get("logits_module")) == ("avgpool", "fc"), (mode, shown)
+    stages = shown["stages"]
     # resnet18 at 64x64: the stem ReLU, then layer1..layer4 (exports.py's expectations), each the
     # output of its last BasicBlock's `relu` (called twice per block: TorchScript names the second
     # call `relu_1`, torch.export records `relu`; both are module `relu`).
