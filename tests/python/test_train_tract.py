@@ -33,10 +33,12 @@ CLASSES = 100
 LOSS_RTOL = 1e-3
 WEIGHT_RTOL = 1e-3
 RESUME_RTOL = 1e-5
-# AdamW at 1e-4: two float32 runtimes' trajectories part slowly. At 1e-3 on this noise data they
+# AdamW at 5e-5: two float32 runtimes' trajectories part slowly. At 1e-3 on this noise data they
 # part by ~2e-3 in the losses by step 16 (measured; step 1 agrees to 2e-6): AdamW's first updates
 # are +-lr wherever a gradient is rounding noise, and batch-4 BatchNorm amplifies what differs.
-LR = "1e-4"
+# At 1e-4 layer3.0.conv2.weight ends 1.04e-3 apart (measured), as parity_cases.py found for
+# several methods against PyTorch.
+LR = "5e-5"
 # The running statistics follow the batch means of layers that float32 rounding already moved:
 # onnxruntime against itself, initial weights perturbed by 1e-6 (relative), differs by 5e-3 in
 # them after these 20 steps (measured), and by 40% in the optimizer's moments (not compared).
