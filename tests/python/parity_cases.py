@@ -30,6 +30,23 @@ CASES = gc.HERE / ".cache" / "parity"
 # carries) and FT (an init stage whose result the main stage keeps frozen), about 3 minutes.
 METHODS = gc.METHODS if gc.HEAVY else ("ft", "crd")
 
+# Where a route misses and why (measured under KDGRAPH_HEAVY=1; the tests mark these xfail, not
+# strict, so that they show in every run's summary):
+KNOWN_MISSES = {
+    # PKT's term here is ~1e-5, computed from cosines ~1 whose float32 rounding (~6e-8) is ~1e-2 of
+    # it: at step 1, from the same initial weights, tract gives 1.40418e-5 against float64's
+    # 1.40222e-5 (1.4e-3), torch's float32 run 7e-5; later steps 3e-3 to 1.7e-2 in tract, ORT
+    # Training and onnxruntime alike, beyond 4x torch float32's own floor (one run's luck, not a
+    # bound). The parameters agree (2.4e-4 at most).
+    "pkt": "PKT's ~1e-5 term is below float32's reach from cosines ~1 (1.4e-3 at step 1 from the same weights)",
+    # tract's trajectory parts from the others: its parameters end 1.4e-4 from PyTorch's (ORT
+    # Training 5e-6, onnxruntime 9e-7) and its RKD term by 1.7e-3 at step 9, 9e-3 at step 19. The
+    # graph is right where tract stands: the float64 reference at tract's own weights after 8 and
+    # 19 steps gives its terms to 1.6e-6 and 6.5e-6. What differs is how its float32 update
+    # rounds; RKD's distances between nearly parallel embeddings amplify it.
+    "rkd": "on tract the RKD trajectory parts from float64 (term 9e-3 at step 19; at its own weights the term is right to 7e-6)",
+}
+
 BATCH, SAMPLES, STEPS = 4, 8, 20
 CLASSES = 100
 CRD_NEGATIVES = 4
