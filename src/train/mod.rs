@@ -119,6 +119,7 @@ pub fn train(options: &TrainOptions) -> Result<Outcome> {
     let mut log = open_log(options.log.as_deref(), resume.is_some())?;
     let mut trainer = Trainer {
         options,
+        crds: &crds,
         data: &data,
         val: val.as_ref(),
         image_dims: &image_dims,
@@ -272,6 +273,8 @@ fn open_log(path: Option<&Path>, append: bool) -> Result<Option<BufWriter<File>>
 /// The loop's context: what every stage shares.
 struct Trainer<'a> {
     options: &'a TrainOptions,
+    /// CRD's sizes in each stage (in training order) where it trains there.
+    crds: &'a [Option<Crd>],
     data: &'a DataSet,
     val: Option<&'a DataSet>,
     image_dims: &'a [usize],
@@ -372,18 +375,14 @@ impl Trainer<'_> {
         resume: Option<Resume>,
     ) -> Result<StageEnd> {
         let options = self.options;
-        let crd = Crd::of(
-            &stage.sidecar,
-            options.seed,
-            &stage.joint_path.display().to_string(),
-        )?;
+        let crd = self.crds[index].as_ref();
         // What the step reads and writes back: the step graph's carried values, then CRD's state.
         let carried: &Vec<Carried> = &stage
             .step
             .carried
             .iter()
             .cloned()
-            .chain(crd.iter().flat_map(Crd::state))
+            .chain(crd.iter().flat_map(|c| c.state()))
             .collect();
         let joint = decode(&stage.joint_bytes, &stage.joint_path)?;
         let per_epoch = (self.data.len() / options.batch) as u64;
@@ -411,7 +410,7 @@ impl Trainer<'_> {
             None => (
                 {
                     let mut start = carried_over.clone();
-                    start.extend(crd.iter().flat_map(Crd::initial_state));
+                    start.extend(crd.iter().flat_map(|c| c.initial_state()));
                     initial_values(&joint, carried, &start, &stage.joint_path)?
                 },
                 0,
@@ -430,7 +429,7 @@ impl Trainer<'_> {
             &step_model,
             &stage.sidecar,
             carried,
-            crd.as_ref(),
+            crd,
             options.batch,
             &step_shown,
         )?;
@@ -454,9 +453,7 @@ impl Trainer<'_> {
                 images,
                 labels,
                 index: tensor1(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>()),
-                contrast: crd
-                    .as_ref()
-                    .map(|c| c.contrast_index(self.data.labels(), &indices, step)),
+                contrast: crd.map(|c| c.contrast_index(self.data.labels(), &indices, step)),
             };
             let lr = schedule.rate(step);
             let (terms, next) = session.step(batch, values, lr, step)?;

@@ -35,7 +35,6 @@ import torch
 from onnxruntime.training import onnxblock
 
 import gradient_cases as gc
-import merge_checks
 import parity_cases as P
 import test_merge_methods
 import test_merge_stages
@@ -100,17 +99,6 @@ def reference_terms(j: Joint, values, feeds, params: test_merge_stages.GraphPara
                                                   dtype=dtype), {}
 
 
-def teacher_taps_of(x, indices, key):
-    """Puts the eval-mode teacher's taps of the batch `indices` in merge_checks' cache under `key`,
-    sliced from one pass over the whole data set (eval mode treats each sample alone), so that the
-    20 steps need one teacher pass instead of 20."""
-    for preact in (False, True):
-        whole = merge_checks.frozen_feats(TEACHER[0], "parity-all", x, preact)
-        feats, logits = whole
-        merge_checks._FROZEN_FEATS[(TEACHER[0], key, preact, (len(indices), *x.shape[1:]), False)] = (
-            [f[indices] for f in feats], logits[indices])
-
-
 def pytorch_run(joints: List[Joint], x, y, log, dtype=torch.float64):
     """PyTorch's losses {(stage, step): {name: value}} and final student values (graph names)."""
     student = mf.build(STUDENT[0]).to(dtype).train()
@@ -131,9 +119,7 @@ def pytorch_run(joints: List[Joint], x, y, log, dtype=torch.float64):
         for step in range(1, P.STEPS + 1):
             indices = log[(stage, step)]["indices"]
             feeds = {"input": x[indices], "labels": y[indices], **state, **crd_batch(j.sidecar, y, indices, step)}
-            key = ("parity", *indices)
-            teacher_taps_of(x, indices, key)
-            values, _ = torch_taps(j, feeds["input"], key, train=True, student=student)
+            values, _ = torch_taps(j, feeds["input"], ("parity", *indices), train=True, student=student)
             terms, new_state = reference_terms(j, values, feeds, params)
             if optimizer is None:
                 weights = [p for n, p in student.named_parameters() if n in trainable]
