@@ -26,8 +26,9 @@ import numpy as np
 import gradient_cases as gc
 
 CASES = gc.HERE / ".cache" / "parity"
-# Every method under KDGRAPH_HEAVY=1 (about 15 minutes on 2 cores); by default CRD (the state it
-# carries) and FT (an init stage whose result the main stage keeps frozen), about 3 minutes.
+# Every method under KDGRAPH_HEAVY=1 (measured on 2 busy cores: 8 minutes here, 2 in
+# tests/python_ort); by default CRD (the state it carries) and FT (an init stage whose result the
+# main stage keeps frozen): 2 minutes and 10 seconds.
 METHODS = gc.METHODS if gc.HEAVY else ("ft", "crd")
 
 # Where a route misses and why (measured under KDGRAPH_HEAVY=1; the tests mark these xfail, not
