@@ -16,6 +16,11 @@
 # The init stage (AB, FT, FSP) trains first where the sidecar lists one; its trained parameters
 # and statistics start the main stage (by name).
 #
+# CRD: its memory banks and Z are carried like the parameters (initialised as kdgraph train does,
+# from the seed), and each step feeds the batch's sample indices and contrast indices (the sample,
+# then negatives of other classes) drawn as kdgraph train draws them (src/train/crd.rs), so the
+# two trainers feed CRD the same values. The data set must hold the merge's --crd-n-data samples.
+#
 # Device: every carried value lives in one of two buffer sets on the device (OrtValues); the step
 # reads one set and writes the other through IOBinding, and the sets swap after each step, so the
 # parameters never travel to the host during training: only the batch goes in and the scalar
@@ -77,9 +82,12 @@ def read_stage(sidecar_path):
     folder = sidecar_path.parent
     sidecar["joint_path"] = checked_file(folder / sidecar["model"], sidecar["model_hash"], sidecar_path)
     sidecar["step_path"] = checked_file(folder / sidecar["step"]["model"], sidecar["step"]["model_hash"], sidecar_path)
+    crd = Crd.of(sidecar)
+    fed = {"image", "labels"}
     for role in sidecar["inputs"]:
-        if role["role"] not in ("image", "labels"):
-            raise TrainingError("this trainer does not feed CRD; use examples/train_ort.py")
+        if role["role"] not in fed and not (crd and role["name"] in crd.inputs()):
+            raise TrainingError(f"`{sidecar['joint_path']}` takes an input `{role['name']}` ({role['role']}) that this "
+                                "trainer does not know how to feed; train it with examples/train_ort.py")
     return sidecar
 
 
@@ -122,6 +130,27 @@ def load_data(path, image_dims, classes, batch):
     return x, y
 
 
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def mix(z):
+    """splitmix64's output function, on a Python int or elementwise on a uint64 array (which wraps)."""
+    if isinstance(z, np.ndarray):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def stream(state, first, count):
+    """Outputs `first` .. `first + count - 1` (0 first) of the splitmix64 stream seeded `state`, as uint64."""
+    k = np.arange(first + 1, first + count + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return mix(np.uint64(state & MASK64) + k * np.uint64(GOLDEN))
+
+
 class Shuffle:
     """kdgraph train's seeded shuffle: splitmix64 driving a Fisher-Yates permutation."""
 
@@ -129,11 +158,8 @@ class Shuffle:
         self.state = state & MASK64
 
     def next(self):
-        self.state = (self.state + 0x9E3779B97F4A7C15) & MASK64
-        z = self.state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-        return z ^ (z >> 31)
+        self.state = (self.state + GOLDEN) & MASK64
+        return mix(self.state)
 
     def order(self, count):
         order = list(range(count))
@@ -153,6 +179,70 @@ def rate(kind, base, steps, step):
     return base
 
 
+class Crd:
+    """CRD's inputs, as kdgraph train makes them (src/train/crd.rs): memory banks and Z carried from
+    step to step, the batch's sample indices, and contrast indices (the sample, then K negatives of
+    other classes without replacement: the K of the smallest keys in a seeded stream per row)."""
+
+    INDEX, CONTRAST = "kd/crd/index", "kd/crd/contrast_index"
+    MEMORIES, Z = ("kd/crd/memory_student", "kd/crd/memory_teacher"), "kd/crd/z"
+    MEMORY_STREAM, CONTRAST_STREAM = 0x6D656D6F7279, 0x636F6E7472617374
+
+    def __init__(self, n_data, negatives, feat_dim, seed):
+        self.n_data, self.negatives, self.feat_dim, self.seed = n_data, negatives, feat_dim, seed & MASK64
+
+    @classmethod
+    def of(cls, sidecar, seed=0):
+        """CRD's sizes from the shapes of its inputs in a stage's sidecar (None: no CRD there)."""
+        shapes = {r["name"]: r["shape"] for r in sidecar["inputs"]}
+        if cls.MEMORIES[0] not in shapes:
+            return None
+        n_data, feat_dim = shapes[cls.MEMORIES[0]]
+        return cls(n_data, shapes[cls.CONTRAST][-1] - 1, feat_dim, seed)
+
+    def inputs(self):
+        return {self.INDEX, self.CONTRAST, *self.MEMORIES, self.Z}
+
+    def check_data(self, path, y):
+        if len(y) != self.n_data:
+            raise TrainingError(f"`{path}` holds {len(y)} samples, but CRD's memory banks hold {self.n_data} (merge "
+                                f"--crd-n-data); merge again with --crd-n-data {len(y)}")
+        if np.all(y == y[0]):
+            raise TrainingError(f"`{path}`: every sample is of class {y[0]}, but CRD draws its negatives from other classes")
+
+    def state(self):
+        """The carried entries of the memories and Z (no initializers: not passed on, not exported)."""
+        dims = {self.MEMORIES[0]: [self.n_data, self.feat_dim], self.MEMORIES[1]: [self.n_data, self.feat_dim], self.Z: [2]}
+        return [{"input": n, "output": n + "_next", "initial": "zeros", "dims": d} for n, d in dims.items()]
+
+    def initial_state(self):
+        """The memories, student's then teacher's from one stream, bound * (2u - 1) in float32 with u
+        the top 24 bits over 2^24 and bound = 1 / sqrt(dim / 3); Z = -1 (estimated on the first batch)."""
+        count = self.n_data * self.feat_dim
+        u = (stream(self.seed ^ self.MEMORY_STREAM, 0, 2 * count) >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
+        bound = np.float32(1) / np.sqrt(np.float32(self.feat_dim) / np.float32(3))
+        values = bound * (np.float32(2) * u - np.float32(1))
+        shape = (self.n_data, self.feat_dim)
+        return {self.MEMORIES[0]: values[:count].reshape(shape), self.MEMORIES[1]: values[count:].reshape(shape),
+                self.Z: np.array([-1, -1], np.float32)}
+
+    def contrast_index(self, y, indices, step):
+        """(B, K + 1) int64: each sample, then its negatives (step `step`, 1 first)."""
+        k, rows = self.negatives, []
+        base = mix(((self.seed ^ self.CONTRAST_STREAM) + step) & MASK64)
+        for row, sample in enumerate(indices):
+            row_state = mix((base + row) & MASK64)
+            pool = np.flatnonzero(y != y[sample])
+            if len(pool) >= k:
+                keys = stream(row_state, 0, len(y))[pool]
+                chosen = np.argpartition(keys, k - 1)[:k] if len(pool) > k else np.arange(k)
+                negatives = pool[chosen[np.argsort(keys[chosen])]]
+            else:  # with replacement, as RepDistiller when fewer samples are of other classes than K
+                negatives = pool[(stream(row_state, 0, k) % np.uint64(len(pool))).astype(np.int64)]
+            rows.append(np.concatenate([[sample], negatives]))
+        return np.array(rows, np.int64)
+
+
 # --------------------------------------------------------------------------- the step on a device
 
 
@@ -160,7 +250,7 @@ class StepRunner:
     """The step graph in an InferenceSession, its carried values in two buffer sets on `device`
     that swap after every step (IOBinding: nothing is copied to the host but the losses)."""
 
-    def __init__(self, sidecar, values, fixed, device="cpu"):
+    def __init__(self, sidecar, carried, values, fixed, device="cpu"):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise TrainingError("--device cuda needs onnxruntime-gpu (pip install onnxruntime-gpu)")
@@ -168,7 +258,7 @@ class StepRunner:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(step_model(sidecar, fixed), options, providers=providers)
         self.device = device
-        self.carried = sidecar["step"]["carried"]
+        self.carried = carried
         self.terms = [o["name"] for o in sidecar["outputs"] if o["role"] in ("loss", "term")]
         self.image = role(sidecar, "image")["name"]
         self.inputs = {i.name for i in self.session.get_inputs()}
@@ -177,12 +267,15 @@ class StepRunner:
         self.current = [on_device(values[c["input"]]) for c in self.carried]
         self.spare = [ort.OrtValue.ortvalue_from_shape_and_type(c["dims"], np.float32, device, 0) for c in self.carried]
 
-    def step(self, x, y, lr, step):
-        """One step on a batch: the loss terms by name. The carried values stay on the device."""
+    def step(self, x, y, lr, step, crd_feeds=None):
+        """One step on a batch (and CRD's index inputs by name): the loss terms by name. The
+        carried values stay on the device."""
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.image, x)
         if "labels" in self.inputs:
             binding.bind_cpu_input("labels", y)
+        for name, value in (crd_feeds or {}).items():
+            binding.bind_cpu_input(name, value)
         binding.bind_cpu_input("lr", np.array(lr, np.float32))
         if "step" in self.inputs:
             binding.bind_cpu_input("step", np.array(step, np.int64))
@@ -218,12 +311,12 @@ def step_model(sidecar, fixed):
 # --------------------------------------------------------------------------- the student
 
 
-def initial_values(sidecar, carried_over):
-    """The first step's carried values: a previous stage's by name, else the joint graph's
-    initializers, zeros for the optimizer's moments."""
+def initial_values(sidecar, carried, carried_over):
+    """The first step's carried values: a previous stage's by name (or CRD's first state), else the
+    joint graph's initializers, zeros for the optimizer's moments."""
     inits = {t.name: t for t in onnx.load(str(sidecar["joint_path"])).graph.initializer}
     values = {}
-    for c in sidecar["step"]["carried"]:
+    for c in carried:
         if c["input"] in carried_over and list(carried_over[c["input"]].shape) == c["dims"]:
             values[c["input"]] = carried_over[c["input"]]
         elif c["initial"] == "initializer":
@@ -296,9 +389,13 @@ def train_stage(args, index, sidecar, is_main, carried_over, data, log):
     x, y = data
     per_epoch = len(y) // args.batch
     steps = stage_steps(args, sidecar, is_main, per_epoch)
-    carried = {c["input"] for c in sidecar["step"]["carried"]}
-    fixed = {name: value for name, value in carried_over.items() if name not in carried}
-    runner = StepRunner(sidecar, initial_values(sidecar, carried_over), fixed, args.device)
+    crd = Crd.of(sidecar, args.seed)
+    # What the step reads and writes back: the step graph's carried values, then CRD's state.
+    carried = sidecar["step"]["carried"] + (crd.state() if crd else [])
+    names = {c["input"] for c in carried}
+    fixed = {name: value for name, value in carried_over.items() if name not in names}
+    start = {**carried_over, **(crd.initial_state() if crd else {})}
+    runner = StepRunner(sidecar, carried, initial_values(sidecar, carried, start), fixed, args.device)
     shuffle, order, since = Shuffle(args.seed + index), None, time.perf_counter()
     for step in range(1, steps + 1):
         epoch, position = divmod(step - 1, per_epoch)
@@ -307,7 +404,8 @@ def train_stage(args, index, sidecar, is_main, carried_over, data, log):
             order = shuffle.order(per_epoch * args.batch)
         indices = order[position * args.batch:(position + 1) * args.batch]
         lr = rate(args.schedule, args.lr, steps, step)
-        terms = runner.step(x[indices], y[indices], lr, step)
+        crd_feeds = {Crd.INDEX: np.array(indices, np.int64), Crd.CONTRAST: crd.contrast_index(y, indices, step)} if crd else None
+        terms = runner.step(x[indices], y[indices], lr, step, crd_feeds)
         if log:
             log.write(json.dumps({"stage": sidecar["stage"], "step": step, "epoch": epoch + 1, "lr": lr,
                                   "indices": indices, **terms}) + "\n")
@@ -331,6 +429,8 @@ def train(args):
     image_dims = role(main, "image")["shape"][1:]
     classes = next(r["index_bound"] for r in main["inputs"] if r["role"] == "labels")
     data = load_data(args.data, image_dims, classes, args.batch)
+    for crd in filter(None, (Crd.of(sidecar) for sidecar in stages)):
+        crd.check_data(args.data, data[1])
     val = load_data(args.val, image_dims, classes, 1) if args.val else None
     output = Path(args.output)
     log = open(args.log, "w") if args.log else None

@@ -251,11 +251,12 @@ def carry_parameters(model, values):
             tensor.CopyFrom(numpy_helper.from_array(np.asarray(values[tensor.name], dtype), tensor.name))
 
 
-def generate(sidecar, workdir, model=None):
+def generate(sidecar, workdir, model=None, optimizer=None):
     """generate_artifacts from the sidecar's parameter lists; the models return every graph output.
 
     The loss is the graph's output 0 (loss=None); the training and eval models also return the
-    terms, the student's outputs and the state outputs. `model` replaces the sidecar's graph.
+    terms, the student's outputs and the state outputs. `model` replaces the sidecar's graph;
+    `optimizer` (an onnxblock optimizer block) ORT's default AdamW (eps 1e-6, no weight decay).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +267,7 @@ def generate(sidecar, workdir, model=None):
             requires_grad=list(sidecar["requires_grad"]),
             frozen_params=list(sidecar["frozen_params"]),
             loss=None,
-            optimizer=artifacts.OptimType.AdamW,
+            optimizer=optimizer or artifacts.OptimType.AdamW,
             artifact_directory=str(workdir),
             loss_input_names=[o["name"] for o in sidecar["outputs"]],
         )

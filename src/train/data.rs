@@ -77,6 +77,10 @@ impl DataSet {
     pub fn label(&self, index: usize) -> i64 {
         self.labels[index]
     }
+
+    pub fn labels(&self) -> &[i64] {
+        &self.labels
+    }
 }
 
 fn take(arrays: &mut Vec<(String, Tensor)>, name: &str, shown: &str) -> Result<Tensor> {
@@ -141,6 +145,16 @@ fn int_labels(y: Tensor, count: usize, classes: i64, shown: &str) -> Result<Vec<
     Ok(labels)
 }
 
+/// The step of splitmix64's state (the golden ratio in 64 bits).
+pub const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// splitmix64's output function: a bijection of u64 that scrambles its bits.
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// The seeded order in which an epoch visits the samples: a Fisher-Yates shuffle driven by a
 /// splitmix64 generator whose state a checkpoint records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,12 +167,10 @@ impl Shuffle {
         Shuffle { state: seed }
     }
 
-    fn next(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    /// The generator's next output.
+    pub fn next(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(GOLDEN);
+        mix(self.state)
     }
 
     /// A permutation of 0..count.

@@ -4,6 +4,7 @@
 //! the end the trained student written as an inference model.
 
 mod checkpoint;
+mod crd;
 mod data;
 mod export;
 mod schedule;
@@ -26,10 +27,11 @@ use crate::onnx::{io, pb, proto};
 use crate::sidecar::{read_training, TrainingStageFiles};
 use crate::step::{Carried, Initial};
 use checkpoint::Progress;
+use crd::Crd;
 use data::{DataSet, Expected, Shuffle};
 use schedule::Schedule;
 pub use schedule::ScheduleKind;
-use session::{StepSession, Term};
+use session::{Batch, StepSession, Term};
 
 /// How long the main stage trains.
 #[derive(Debug, Clone, Copy)]
@@ -82,9 +84,10 @@ pub fn train(options: &TrainOptions) -> Result<Outcome> {
         return Err(Error::usage("--batch and --log-every must be at least 1"));
     }
     let stages = read_stages(&options.sidecar)?;
-    for stage in &stages {
-        check_feedable(stage)?;
-    }
+    let crds = stages
+        .iter()
+        .map(|stage| check_feedable(stage, options.seed))
+        .collect::<Result<Vec<_>>>()?;
     let main = stages.last().expect("a sidecar lists its main stage");
     let shown = main.joint_path.display().to_string();
     let image = session::image_role(&main.sidecar, &shown)?;
@@ -96,6 +99,9 @@ pub fn train(options: &TrainOptions) -> Result<Outcome> {
     };
     check_outputs(options, &stages)?;
     let data = DataSet::load(&options.data, &expected)?;
+    for crd in crds.iter().flatten() {
+        crd.check_data(data.labels(), &options.data.display().to_string())?;
+    }
     let val = match &options.val {
         Some(path) => Some(DataSet::load(
             path,
@@ -113,6 +119,7 @@ pub fn train(options: &TrainOptions) -> Result<Outcome> {
     let mut log = open_log(options.log.as_deref(), resume.is_some())?;
     let mut trainer = Trainer {
         options,
+        crds: &crds,
         data: &data,
         val: val.as_ref(),
         image_dims: &image_dims,
@@ -139,25 +146,32 @@ fn read_stages(sidecar: &Path) -> Result<Vec<TrainingStageFiles>> {
     Ok(stages)
 }
 
-/// Refuses a stage whose graph takes inputs besides the images and labels (CRD's indices and
-/// memories), before anything is read or written.
-fn check_feedable(stage: &TrainingStageFiles) -> Result<()> {
+/// Refuses a stage whose graph takes inputs besides the images, the labels and CRD's, before
+/// anything is read or written; CRD's sizes where the stage trains it.
+fn check_feedable(stage: &TrainingStageFiles, seed: u64) -> Result<Option<Crd>> {
+    let shown = stage.joint_path.display().to_string();
+    let crd = Crd::of(&stage.sidecar, seed, &shown)?;
+    let state: Vec<Carried> = crd.iter().flat_map(Crd::state).collect();
+    let feedable = |name: &str, role: &str| {
+        role == "image"
+            || role == "labels"
+            || (crd.is_some()
+                && (name == crd::INDEX
+                    || name == crd::CONTRAST_INDEX
+                    || state.iter().any(|c| c.input == name)))
+    };
     match stage
         .sidecar
         .inputs
         .iter()
-        .find(|i| i.role != "image" && i.role != "labels")
+        .find(|i| !feedable(&i.name, &i.role))
     {
-        Some(input) if input.name.starts_with("kd/crd/") => Err(Error::unsupported(
-            "kdgraph train does not feed CRD yet; use examples/train_ort.py",
-        )),
         Some(input) => Err(Error::unsupported(format!(
-            "`{}` takes an input `{}` ({}) that kdgraph train does not know how to feed; train it with examples/train_ort.py",
-            stage.joint_path.display(),
+            "`{shown}` takes an input `{}` ({}) that kdgraph train does not know how to feed; train it with examples/train_ort.py",
             input.name,
             input.role
         ))),
-        None => Ok(()),
+        None => Ok(crd),
     }
 }
 
@@ -259,6 +273,8 @@ fn open_log(path: Option<&Path>, append: bool) -> Result<Option<BufWriter<File>>
 /// The loop's context: what every stage shares.
 struct Trainer<'a> {
     options: &'a TrainOptions,
+    /// CRD's sizes in each stage (in training order) where it trains there.
+    crds: &'a [Option<Crd>],
     data: &'a DataSet,
     val: Option<&'a DataSet>,
     image_dims: &'a [usize],
@@ -359,7 +375,15 @@ impl Trainer<'_> {
         resume: Option<Resume>,
     ) -> Result<StageEnd> {
         let options = self.options;
-        let carried = &stage.step.carried;
+        let crd = self.crds[index].as_ref();
+        // What the step reads and writes back: the step graph's carried values, then CRD's state.
+        let carried: &Vec<Carried> = &stage
+            .step
+            .carried
+            .iter()
+            .cloned()
+            .chain(crd.iter().flat_map(|c| c.state()))
+            .collect();
         let joint = decode(&stage.joint_bytes, &stage.joint_path)?;
         let per_epoch = (self.data.len() / options.batch) as u64;
         let steps = self.stage_steps(stage, is_main, per_epoch);
@@ -384,7 +408,11 @@ impl Trainer<'_> {
                 r.arrays.into_iter().collect(),
             ),
             None => (
-                initial_values(&joint, carried, carried_over, &stage.joint_path)?,
+                {
+                    let mut start = carried_over.clone();
+                    start.extend(crd.iter().flat_map(|c| c.initial_state()));
+                    initial_values(&joint, carried, &start, &stage.joint_path)?
+                },
                 0,
                 Shuffle::seeded(options.seed.wrapping_add(index as u64)),
                 carried_over
@@ -400,7 +428,8 @@ impl Trainer<'_> {
         let mut session = StepSession::open(
             &step_model,
             &stage.sidecar,
-            &stage.step,
+            carried,
+            crd,
             options.batch,
             &step_shown,
         )?;
@@ -420,8 +449,14 @@ impl Trainer<'_> {
         for step in done + 1..=steps {
             let indices = batches.indices(step);
             let (images, labels) = self.data.batch(&indices);
+            let batch = Batch {
+                images,
+                labels,
+                index: tensor1(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>()),
+                contrast: crd.map(|c| c.contrast_index(self.data.labels(), &indices, step)),
+            };
             let lr = schedule.rate(step);
-            let (terms, next) = session.step(images, labels, values, lr, step)?;
+            let (terms, next) = session.step(batch, values, lr, step)?;
             values = next;
             if let Some(bad) = terms.iter().find(|t| !t.value.is_finite()) {
                 return Err(Error::unsupported(format!(
@@ -460,6 +495,8 @@ impl Trainer<'_> {
                 return Ok(StageEnd::Stopped { step });
             }
         }
+        // CRD's state (the last values) ends with the stage.
+        values.truncate(stage.step.carried.len());
         Ok(StageEnd::Done {
             values,
             steps: steps.saturating_sub(done),
@@ -497,8 +534,14 @@ impl Trainer<'_> {
             return Ok(());
         };
         let shown = stage.joint_path.display().to_string();
-        let student =
-            export::student_model(joint, &stage.sidecar, &stage.step.carried, values, &shown)?;
+        let carried = &stage.step.carried;
+        let student = export::student_model(
+            joint,
+            &stage.sidecar,
+            carried,
+            &values[..carried.len()],
+            &shown,
+        )?;
         let accuracy = validate::accuracy(&student, val, self.image_dims, self.options.batch)?;
         println!(
             "{} epoch {epoch}: validation accuracy {:.2}% ({} images)",

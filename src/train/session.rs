@@ -6,10 +6,11 @@ use std::collections::HashMap;
 
 use tract_onnx::prelude::*;
 
+use super::crd::{Crd, CONTRAST_INDEX, INDEX};
 use crate::error::{Error, Result};
 use crate::onnx::{normalize, pb};
 use crate::plan::Role;
-use crate::sidecar::{StepRead, TrainingSidecar, LABELS};
+use crate::sidecar::{TrainingSidecar, LABELS};
 use crate::step::{Carried, LR, STEP};
 
 /// One loss output of a step.
@@ -27,6 +28,18 @@ enum Feed {
     Carried(usize),
     Lr,
     Step,
+    /// CRD's sample indices and contrast indices.
+    Index,
+    ContrastIndex,
+}
+
+/// What a step trains on: the images, their labels, their sample indices, and CRD's contrast
+/// indices where the graph takes them.
+pub struct Batch {
+    pub images: Tensor,
+    pub labels: Tensor,
+    pub index: Tensor,
+    pub contrast: Option<Tensor>,
 }
 
 /// The step graph, ready to run at one batch size.
@@ -42,15 +55,17 @@ pub struct StepSession {
 
 impl StepSession {
     /// Prepares the step graph `model` (shown as `shown`) of a stage for batches of `batch`
-    /// images, of the size its sidecar's image input has.
+    /// images, of the size its sidecar's image input has; `carried`: what it reads and writes
+    /// back (the step's carried values, then CRD's state); `crd`: CRD's sizes where it trains.
     pub fn open(
         model: &pb::ModelProto,
         sidecar: &TrainingSidecar,
-        step: &StepRead,
+        carried: &[Carried],
+        crd: Option<&Crd>,
         batch: usize,
         shown: &str,
     ) -> Result<StepSession> {
-        let feeds = feeds(model, sidecar, step, shown)?;
+        let feeds = feeds(model, carried, sidecar, shown)?;
         let graph = model.graph.as_ref().expect("a step graph has a graph");
         let position: HashMap<&str, usize> = graph
             .output
@@ -58,8 +73,7 @@ impl StepSession {
             .enumerate()
             .map(|(i, o)| (o.name.as_str(), i))
             .collect();
-        let next_outputs = step
-            .carried
+        let next_outputs = carried
             .iter()
             .map(|c| {
                 position.get(c.output.as_str()).copied().ok_or_else(|| {
@@ -76,7 +90,13 @@ impl StepSession {
             .filter(|o| o.role == "loss" || o.role == "term")
             .filter_map(|o| position.get(o.name.as_str()).map(|&i| (i, o.name.clone())))
             .collect();
-        let facts = input_facts(&feeds, sidecar, step, batch, shown)?;
+        let columns = crd.map_or(0, Crd::columns);
+        if columns == 0 && feeds.contains(&Feed::ContrastIndex) {
+            return Err(Error::invalid_model(format!(
+                "`{shown}` takes `{CONTRAST_INDEX}`, but its sidecar lists no CRD memories; run kdgraph merge again"
+            )));
+        }
+        let facts = input_facts(&feeds, sidecar, carried, columns, batch, shown)?;
         let state =
             crate::guard::catch_panic(|| prepare(model, facts, shown)).unwrap_or_else(|panic| {
                 Err(Error::unsupported(format!(
@@ -95,14 +115,14 @@ impl StepSession {
     /// One training step: returns the loss terms and the carried values after the update.
     pub fn step(
         &mut self,
-        images: Tensor,
-        labels: Tensor,
+        batch: Batch,
         carried: Vec<Tensor>,
         lr: f32,
         step: u64,
     ) -> Result<(Vec<Term>, Vec<Tensor>)> {
         let mut carried: Vec<Option<Tensor>> = carried.into_iter().map(Some).collect();
-        let (mut images, mut labels) = (Some(images), Some(labels));
+        let (mut images, mut labels) = (Some(batch.images), Some(batch.labels));
+        let (mut index, mut contrast) = (Some(batch.index), batch.contrast);
         let inputs: TVec<TValue> = self
             .feeds
             .iter()
@@ -112,6 +132,8 @@ impl StepSession {
                 Feed::Carried(i) => carried[i].take().expect("each carried value fed once"),
                 Feed::Lr => tensor0(lr),
                 Feed::Step => tensor0(step as i64),
+                Feed::Index => index.take().expect("one index input"),
+                Feed::ContrastIndex => contrast.take().expect("contrast indices for CRD"),
             })
             .map(|t| t.into_tvalue())
             .collect();
@@ -152,8 +174,8 @@ impl StepSession {
 /// What each fed input of the step graph is; refuses inputs kdgraph train cannot feed.
 fn feeds(
     model: &pb::ModelProto,
+    carried: &[Carried],
     sidecar: &TrainingSidecar,
-    step: &StepRead,
     shown: &str,
 ) -> Result<Vec<Feed>> {
     let image = image_role(sidecar, shown)?;
@@ -169,12 +191,12 @@ fn feeds(
                 Ok(Feed::Lr)
             } else if name == STEP {
                 Ok(Feed::Step)
-            } else if let Some(i) = step.carried.iter().position(|c| c.input == name) {
+            } else if name == INDEX {
+                Ok(Feed::Index)
+            } else if name == CONTRAST_INDEX {
+                Ok(Feed::ContrastIndex)
+            } else if let Some(i) = carried.iter().position(|c| c.input == name) {
                 Ok(Feed::Carried(i))
-            } else if name.starts_with("kd/crd/") {
-                Err(Error::unsupported(
-                    "kdgraph train does not feed CRD yet; use examples/train_ort.py",
-                ))
             } else {
                 Err(Error::unsupported(format!(
                     "`{shown}` has an input `{name}` that kdgraph train does not know how to feed; \
@@ -202,7 +224,8 @@ pub fn image_role<'a>(sidecar: &'a TrainingSidecar, shown: &str) -> Result<&'a R
 fn input_facts(
     feeds: &[Feed],
     sidecar: &TrainingSidecar,
-    step: &StepRead,
+    carried: &[Carried],
+    columns: usize,
     batch: usize,
     shown: &str,
 ) -> Result<Vec<InferenceFact>> {
@@ -214,9 +237,9 @@ fn input_facts(
         .map(|feed| match *feed {
             Feed::Images => InferenceFact::dt_shape(f32::datum_type(), images.clone()),
             Feed::Labels => InferenceFact::dt_shape(i64::datum_type(), vec![batch]),
-            Feed::Carried(i) => {
-                InferenceFact::dt_shape(f32::datum_type(), dims_of(&step.carried[i]))
-            }
+            Feed::Carried(i) => InferenceFact::dt_shape(f32::datum_type(), dims_of(&carried[i])),
+            Feed::Index => InferenceFact::dt_shape(i64::datum_type(), vec![batch]),
+            Feed::ContrastIndex => InferenceFact::dt_shape(i64::datum_type(), vec![batch, columns]),
             Feed::Lr => InferenceFact::dt_shape(f32::datum_type(), Vec::<usize>::new()),
             Feed::Step => InferenceFact::dt_shape(i64::datum_type(), Vec::<usize>::new()),
         })

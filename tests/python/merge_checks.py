@@ -817,25 +817,26 @@ def pick_feat(feats, logits, stage: str):
     return feats[int(m.group(1))]
 
 
-def torch_taps(j: Joint, x: np.ndarray, seed: int, train: bool):
+def torch_taps(j: Joint, x: np.ndarray, seed, train: bool, student: Optional[torch.nn.Module] = None):
     """({joint tensor name: float64 tensor} for every tap from the PyTorch models, the student).
 
     Student: build(name) in train mode (batch statistics, as ORT trains; with autograd) when
     `train`, else eval (no gradient, cached); teacher: build(name).eval(), or in train mode when
     `train` and the graph keeps the teacher's BNs (--teacher-batch-statistics: ORT Training runs
     them on batch statistics). Taps are mapped by the sidecar's stage names, pre-ReLU (preact)
-    ones for the methods of PREACT_METHODS.
+    ones for the methods of PREACT_METHODS. `student`: the train-mode float64 module to run (one
+    being trained) instead of a fresh build; `seed` keys the cache of the teacher's taps.
     """
     teacher_train = train and j.sidecar["hyper"].get("teacher_batch_statistics", False)
     (t_name, _), (s_name, _) = PAIRS[j.pair]
-    x64 = torch.from_numpy(x).double()
     if train:
-        student = mf.build(s_name).double().train()
+        student = student if student is not None else mf.build(s_name).double().train()
+        x_s = torch.from_numpy(x).to(next(student.parameters()).dtype)
         s_out = {}
 
         def s_feats(preact):  # one forward pass per tap kind, the same parameters (autograd sums both)
             if preact not in s_out:
-                s_out[preact] = student(x64, is_feat=True, preact=preact)
+                s_out[preact] = student(x_s, is_feat=True, preact=preact)
             return s_out[preact]
     else:
         student = None

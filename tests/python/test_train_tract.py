@@ -6,8 +6,11 @@ final weights; (2) the exported student runs in onnxruntime, holds the updated r
 statistics, and gives the logits of the joint graph with the trained weights; (3) 10 steps and a
 resume of 10 more are 20 straight steps, also when the first run is stopped by Ctrl-C; a run
 killed with SIGKILL leaves a checkpoint that loads; (4) bad data fails on one `error:` line,
-exit 1, and writes nothing. tests/python_ort/test_train_onnxruntime.py runs the exported student
-and examples/train_onnxruntime.py on stock onnxruntime."""
+exit 1, and writes nothing; (5) CRD trains with its memory banks and Z carried from step to step
+and through a resume, on a data set of the size its memories hold only.
+tests/python_ort/test_train_onnxruntime.py runs the exported student and
+examples/train_onnxruntime.py (CRD too) on stock onnxruntime; test_train_parity.py holds every
+method's parity with ORT Training and PyTorch."""
 
 import json
 import signal
@@ -30,10 +33,12 @@ CLASSES = 100
 LOSS_RTOL = 1e-3
 WEIGHT_RTOL = 1e-3
 RESUME_RTOL = 1e-5
-# AdamW at 1e-4: two float32 runtimes' trajectories part slowly. At 1e-3 on this noise data they
+# AdamW at 5e-5: two float32 runtimes' trajectories part slowly. At 1e-3 on this noise data they
 # part by ~2e-3 in the losses by step 16 (measured; step 1 agrees to 2e-6): AdamW's first updates
 # are +-lr wherever a gradient is rounding noise, and batch-4 BatchNorm amplifies what differs.
-LR = "1e-4"
+# At 1e-4 layer3.0.conv2.weight ends 1.04e-3 apart (measured), as parity_cases.py found for
+# several methods against PyTorch.
+LR = "5e-5"
 # The running statistics follow the batch means of layers that float32 rounding already moved:
 # onnxruntime against itself, initial weights perturbed by 1e-6 (relative), differs by 5e-3 in
 # them after these 20 steps (measured), and by 40% in the optimizer's moments (not compared).
@@ -301,14 +306,56 @@ def test_init_stage_trains_first_and_its_frozen_result_survives_resume(kdgraph_b
 @pytest.mark.parametrize("methods,extra,code,expected", [
     # A usage error (exit 2): the sidecar of a merge without --emit step.
     (["kd"], [], 2, "lists no step graph; run `kdgraph merge ... --emit step`"),
-    (["crd"], ["--crd-n-data", str(SAMPLES), "--emit", "step"], 1, "kdgraph train does not feed CRD yet; use examples/train_ort.py"),
-], ids=["no step graph", "crd"])
+], ids=["no step graph"])
 def test_graphs_it_cannot_train_are_refused_on_one_line(kdgraph_bin, merge, data, tmp_path, methods, extra, code, expected):
     teacher, student = PAIRS[COMMITTED]
     joint = merge(teacher, student, methods, *extra)
     out = tmp_path / "out"
     result = train(kdgraph_bin, joint, data, out, "--steps", "2", check=False)
     assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert list(out.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- CRD
+
+
+@pytest.fixture(scope="module")
+def crd_joint(merge):
+    teacher, student = PAIRS[COMMITTED]
+    return merge(teacher, student, ["crd"], "--crd-n-data", str(SAMPLES), "--crd-negatives", "5", "--emit", "step")
+
+
+def test_crd_carries_its_memories_and_resumes_exactly(kdgraph_bin, crd_joint, data, tmp_path):
+    """8 steps (two epochs: every sample's memory rows updated): the checkpoint holds both banks,
+    their rows unit vectors (each update normalises them) and Z estimated on the first batch;
+    5 steps and a resume of 3 more are 8 straight steps."""
+    straight_run, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(kdgraph_bin, crd_joint, data, straight_run, "--steps", "8")
+    saved = checkpoint(straight_run / "student.ckpt.npz")
+    for side in ("student", "teacher"):
+        memory = saved[f"kd/crd/memory_{side}"]
+        assert memory.shape == (SAMPLES, 128)
+        np.testing.assert_allclose(np.linalg.norm(memory, axis=1), 1.0, rtol=1e-5, err_msg=side)
+    assert saved["kd/crd/z"].shape == (2,) and np.all(saved["kd/crd/z"] > 0)
+    log = read_log(straight_run / "log.jsonl")
+    assert all(np.isfinite(line["loss/crd"]) for line in log)
+    train(kdgraph_bin, crd_joint, data, resumed, "--steps", "5")
+    train(kdgraph_bin, crd_joint, data, resumed, "--steps", "8", "--resume", str(resumed / "student.ckpt.npz"))
+    assert_same_training(straight_run, resumed)
+
+
+@pytest.mark.parametrize("count,labels,expected", [
+    (SAMPLES - 4, None, f"holds {SAMPLES - 4} samples, but CRD's memory banks hold {SAMPLES} (merge --crd-n-data); "
+                        f"merge again with --crd-n-data {SAMPLES - 4}"),
+    (SAMPLES, [7] * SAMPLES, "every sample is of class 7, but CRD draws its negatives from other classes"),
+], ids=["other size", "one class"])
+def test_crd_refuses_data_it_cannot_contrast(kdgraph_bin, crd_joint, tmp_path, count, labels, expected):
+    path = save_data(tmp_path / "data.npz", count=count, labels=labels)
+    out = tmp_path / "out"
+    result = train(kdgraph_bin, crd_joint, path, out, "--steps", "2", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert list(out.iterdir()) == []

@@ -1,8 +1,9 @@
 """examples/train_onnxruntime.py on stock onnxruntime (its CPU path: the IOBinding loop with two
 swapped buffer sets) against `kdgraph train` on tract: the same batches, the same losses, a
-checkpoint `kdgraph train --resume` continues; and kdgraph train's exported student on stock
-onnxruntime."""
+checkpoint `kdgraph train --resume` continues; CRD fed the same memories, sample indices and
+contrast indices by both; and kdgraph train's exported student on stock onnxruntime."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -19,13 +20,16 @@ BATCH, SAMPLES, STEPS, LR = 4, 16, 8, "1e-4"
 LOSS_RTOL = 1e-3  # two float32 runtimes over 8 AdamW steps (measured: <= 1e-4)
 
 
-@pytest.fixture(scope="module")
-def joint(kdgraph_bin, tmp_path_factory):
-    out = tmp_path_factory.mktemp("joint") / "joint.onnx"
+def merge(kdgraph_bin, out, *methods):
     subprocess.run([str(kdgraph_bin), "merge", str(ROOT / "fixtures" / "resnet56.onnx"),
-                    str(ROOT / "fixtures" / "resnet20.onnx"), "-m", "kd", "--emit", "step", "-o", str(out)],
+                    str(ROOT / "fixtures" / "resnet20.onnx"), *methods, "--emit", "step", "-o", str(out)],
                    check=True, capture_output=True, timeout=600)
     return out
+
+
+@pytest.fixture(scope="module")
+def joint(kdgraph_bin, tmp_path_factory):
+    return merge(kdgraph_bin, tmp_path_factory.mktemp("joint") / "joint.onnx", "-m", "kd")
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +99,56 @@ def test_kdgraph_students_run_on_stock_onnxruntime(tract_run, onnxruntime_run, d
               for folder in (tract_run, onnxruntime_run)]
     assert np.all(np.isfinite(logits[0]))
     assert np.linalg.norm(logits[0] - logits[1]) <= 1e-2 * np.linalg.norm(logits[1])
+
+
+# --------------------------------------------------------------------------- CRD
+
+
+def example_module():
+    spec = importlib.util.spec_from_file_location("train_onnxruntime", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_feeds_crd_what_kdgraph_train_feeds(kdgraph_bin, data, tmp_path):
+    """Two epochs of CRD (K = 5 negatives) in both trainers: the same losses at every step, and the
+    same memory banks and Z at the end, which follow from the memories' first values, the sample
+    indices and the contrast indices only if the two draw them alike."""
+    crd = merge(kdgraph_bin, tmp_path / "crd.onnx", "-m", "crd", "--crd-n-data", str(SAMPLES), "--crd-negatives", "5")
+    runs = {}
+    for name, trainer in (("tract", [str(kdgraph_bin), "train"]), ("onnxruntime", [sys.executable, str(EXAMPLE)])):
+        (tmp_path / name).mkdir()
+        run([*trainer, *common(crd, data, tmp_path / name, STEPS)])
+        runs[name] = read_log(tmp_path / name / "log.jsonl")
+    for a, b in zip(runs["onnxruntime"], runs["tract"]):
+        assert a["indices"] == b["indices"]
+        for name in ("loss", "loss/ce", "loss/crd"):
+            assert a[name] == pytest.approx(b[name], rel=LOSS_RTOL), f"step {a['step']}: {name}"
+    with np.load(tmp_path / "tract" / "student.ckpt.npz") as ours, np.load(tmp_path / "onnxruntime" / "student.ckpt.npz") as theirs:
+        for name in ("kd/crd/memory_student", "kd/crd/memory_teacher", "kd/crd/z"):
+            assert np.linalg.norm(theirs[name] - ours[name]) <= LOSS_RTOL * np.linalg.norm(ours[name]), name
+
+
+def test_contrast_indices_are_the_sample_then_negatives_of_other_classes():
+    """The draw itself: column 0 the sample; K distinct samples of other classes where there are
+    K of them, else every one of them drawn with replacement; the same draw for the same seed and
+    step, another for another step."""
+    crd = example_module().Crd(n_data=12, negatives=4, feat_dim=128, seed=3)
+    y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2])
+    indices = [0, 4, 6, 11]
+    drawn = crd.contrast_index(y, indices, step=1)
+    assert drawn.shape == (4, 5) and drawn.dtype == np.int64
+    for row, sample in zip(drawn, indices):
+        assert row[0] == sample
+        assert len(set(row[1:])) == 4 and np.all(y[row[1:]] != y[sample]), row
+    np.testing.assert_array_equal(crd.contrast_index(y, indices, step=1), drawn)
+    assert not np.array_equal(crd.contrast_index(y, indices, step=2), drawn)
+    few = example_module().Crd(n_data=12, negatives=8, feat_dim=128, seed=3).contrast_index(y, [6], step=1)
+    assert np.all(y[few[0, 1:]] != 2) and len(few[0]) == 9  # 6 samples of other classes, 8 drawn
+    memories = crd.initial_state()
+    bound = 1 / np.sqrt(128 / 3)
+    for name in ("kd/crd/memory_student", "kd/crd/memory_teacher"):
+        assert memories[name].shape == (12, 128) and np.all(np.abs(memories[name]) <= bound)
+        assert abs(float(memories[name].mean())) < 0.02 and float(memories[name].std()) == pytest.approx(bound / np.sqrt(3), rel=0.05)
+    np.testing.assert_array_equal(memories["kd/crd/z"], [-1, -1])
