@@ -8,6 +8,11 @@ makes both. Uses target/debug/kdgraph (or $KDGRAPH_BIN) to merge: merge time is 
 Models: torchvision resnet50 (eval export, BN folded) as teacher, resnet18 (training-mode export)
 as student, random weights, cached in bench/.cache. 2 intra-op threads everywhere.
 Writes bench/results/gradients.json and prints a Markdown table.
+
+The four timings are taken in rounds, one call of each per round (after a warm-up round), so that a
+machine whose speed drifts slows every route alike: the ratios are the medians of the rounds'
+ratios, the times the medians of the rounds' times. Stock onnxruntime runs in a worker process
+(.venv-ort) that keeps its sessions and times one call per request.
 """
 
 import argparse
@@ -29,39 +34,60 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
-from bench import CACHE, export, step_time  # noqa: E402
+from bench import CACHE, export  # noqa: E402
+from timing import rounds, seconds  # noqa: E402
 import train_ort  # noqa: E402
 
 THREADS = 2
-REPEATS = 5
+ROUNDS = 7
 KD_T = 4.0
 
-# Timed in .venv-ort: the forward pass (the joint graph) and the gradient graph on stock onnxruntime.
-STOCK_TIMER = r"""
-import json, sys, time
+# A worker in .venv-ort: keeps stock onnxruntime sessions of the forward pass (the joint graph) and
+# the gradient graph; each line "forward" or "gradients" on stdin gets one call's seconds back.
+STOCK_WORKER = r"""
+import sys, time
 import numpy as np, onnxruntime as ort
-joint, grad, feeds_path, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+joint, grad, feeds_path = sys.argv[1], sys.argv[2], sys.argv[3]
 feeds = dict(np.load(feeds_path))
 so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.inter_op_num_threads = 1
-def median(path):
+def session(path):
     s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in s.get_inputs()}
-    f = {k: v for k, v in feeds.items() if k in wanted}
-    s.run(None, f)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter(); s.run(None, f); times.append(time.perf_counter() - t)
-    return float(np.median(times))
-print(json.dumps({"forward_s": median(joint), "gradients_s": median(grad), "onnxruntime": ort.__version__}))
+    return s, {k: v for k, v in feeds.items() if k in wanted}
+sessions = {"forward": session(joint), "gradients": session(grad)}
+print(ort.__version__, flush=True)
+for line in sys.stdin:
+    s, f = sessions[line.strip()]
+    t = time.perf_counter(); s.run(None, f)
+    print(time.perf_counter() - t, flush=True)
 """
+
+
+class StockWorker:
+    """The STOCK_WORKER process for one joint graph and its gradient graph."""
+
+    def __init__(self, python, joint, grad, feeds):
+        self.process = subprocess.Popen([str(python), "-c", STOCK_WORKER, str(joint), str(grad), str(feeds)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.version = self.process.stdout.readline().strip()
+
+    def time(self, graph):
+        self.process.stdin.write(graph + "\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
 
 
 def kdgraph_bin():
     return Path(os.environ.get("KDGRAPH_BIN", ROOT / "target" / "debug" / "kdgraph"))
 
 
-def pytorch_time(method, size, batch, x, y):
-    """Forward (teacher no-grad, student train mode) + loss + backward, as a PyTorch user runs it."""
+def pytorch_step(method, x, y, update=False):
+    """One forward (teacher no-grad, student train mode) + loss + backward, as a PyTorch user runs
+    it; with `update`, then torch.optim.AdamW's step (lr 1e-4) on the student."""
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     teacher = torchvision.models.resnet50(weights=None).eval()
@@ -92,8 +118,11 @@ def pytorch_time(method, size, batch, x, y):
             for stage in ("layer1", "layer2", "layer3", "layer4"):
                 loss = loss + 1000.0 * (attention(features[f"s/{stage}"]) - attention(features[f"t/{stage}"])).pow(2).mean()
         loss.backward()
+        if optimizer:
+            optimizer.step()
 
-    return step_time(run, REPEATS)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4) if update else None
+    return run
 
 
 def main():
@@ -101,6 +130,7 @@ def main():
     parser.add_argument("--sizes", default="64,224")
     parser.add_argument("--methods", default="kd,at")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
     stock_python = ROOT / ".venv-ort" / "bin" / "python"
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -120,37 +150,39 @@ def main():
                 [str(kdgraph_bin()), "merge", str(teacher), str(student), "-m", method, "-o", str(joint), "--emit", "gradients", "--no-check"],
                 check=True, stdout=subprocess.DEVNULL,
             )
-            stock = json.loads(subprocess.run(
-                [str(stock_python), "-c", STOCK_TIMER, str(joint), str(joint.with_name("joint.grad.onnx")), str(feeds), str(REPEATS)],
-                check=True, capture_output=True, text=True,
-            ).stdout)
+            worker = StockWorker(stock_python, joint, joint.with_name("joint.grad.onnx"), feeds)
             stage = train_ort.Stage(joint.with_suffix(".json"), CACHE / f"{method}_{size}" / "artifacts")
-            ort_training = step_time(lambda: stage.forward_backward({"input": x, "labels": y}), REPEATS)
-            row = {
-                "method": method, "size": size, "batch": args.batch,
-                "stock_forward_s": stock["forward_s"], "stock_gradients_s": stock["gradients_s"],
-                "ort_training_forward_backward_s": ort_training,
-                "pytorch_forward_backward_s": pytorch_time(method, size, args.batch, x, y),
-            }
-            row["backward_over_forward"] = (row["stock_gradients_s"] - row["stock_forward_s"]) / row["stock_forward_s"]
-            row["over_pytorch"] = row["stock_gradients_s"] / row["pytorch_forward_backward_s"]
-            row["over_ort_training"] = row["stock_gradients_s"] / row["ort_training_forward_backward_s"]
+            torch_run = pytorch_step(method, x, y)
+            times = rounds({
+                "stock_forward_s": lambda: worker.time("forward"),
+                "stock_gradients_s": lambda: worker.time("gradients"),
+                "ort_training_forward_backward_s": lambda: seconds(lambda: stage.forward_backward({"input": x, "labels": y})),
+                "pytorch_forward_backward_s": lambda: seconds(torch_run),
+            }, args.rounds)
+            worker.close()
+            stock_version = worker.version
+            row = {"method": method, "size": size, "batch": args.batch, "load_average": os.getloadavg()[0]}
+            row.update({name: float(np.median(t)) for name, t in times.items()})
+            grad, forward = np.array(times["stock_gradients_s"]), np.array(times["stock_forward_s"])
+            row["backward_over_forward"] = float(np.median((grad - forward) / forward))
+            row["over_pytorch"] = float(np.median(grad / np.array(times["pytorch_forward_backward_s"])))
+            row["over_ort_training"] = float(np.median(grad / np.array(times["ort_training_forward_backward_s"])))
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
-        "versions": {"onnxruntime_stock": stock["onnxruntime"], "onnxruntime_training": onnxruntime.__version__, "torch": torch.__version__},
-        "threads": THREADS, "repeats": REPEATS, "statistic": "median",
+        "versions": {"onnxruntime_stock": stock_version, "onnxruntime_training": onnxruntime.__version__, "torch": torch.__version__},
+        "threads": THREADS, "rounds": args.rounds, "statistic": "median of interleaved rounds (ratios: median of the rounds' ratios)",
         "rows": rows,
     }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "gradients.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("| method | size | forward (stock ORT) | gradient graph (stock ORT) | backward / forward | ORT Training fwd+bwd | PyTorch eager fwd+bwd |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | size | forward (stock ORT) | gradient graph (stock ORT) | backward / forward | ORT Training fwd+bwd | PyTorch eager fwd+bwd | gradient graph / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['size']} | {r['stock_forward_s']:.3f} s | {r['stock_gradients_s']:.3f} s | {r['backward_over_forward']:.2f}x | "
-              f"{r['ort_training_forward_backward_s']:.3f} s | {r['pytorch_forward_backward_s']:.3f} s |")
+              f"{r['ort_training_forward_backward_s']:.3f} s | {r['pytorch_forward_backward_s']:.3f} s | {r['over_pytorch']:.2f}x |")
 
 
 if __name__ == "__main__":

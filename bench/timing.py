@@ -1,5 +1,5 @@
-"""Paired timings for the bench scripts, robust enough for a busy machine: two callables run
-interleaved, several repetitions, each timed by the wall clock and by the process's CPU time."""
+"""Paired timings for the bench scripts, robust enough for a busy machine: callables run
+interleaved, several repetitions, each timed by the wall clock (and by the process's CPU time)."""
 
 import time
 
@@ -34,3 +34,22 @@ def time_pair(forward, both, repeats: int, iterations: int) -> dict:
         "ratios": [round(float(r), 2) for r in b_wall / f_wall],
         "cpu_ratios": [round(float(r), 2) for r in b_cpu / f_cpu],
     }
+
+
+def seconds(run):
+    """Wall seconds of one call of `run`."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def rounds(routes, count):
+    """{route: [seconds per round]}: routes ({name: callable returning its seconds}) called in turn,
+    one warm-up round first, so that a machine whose speed drifts slows every route alike."""
+    times = {name: [] for name in routes}
+    for i in range(count + 1):
+        for name, run in routes.items():
+            taken = run()
+            if i:
+                times[name].append(taken)
+    return times
