@@ -26,9 +26,10 @@
 # one intra-op thread) on the step graph of `kdgraph merge --emit step`, and PyTorch (the same
 # modules, the graph's own connector initialisations, kd_reference's losses), the reference.
 # Optimizer: AdamW as ORT Training's artifacts build it (betas 0.9/0.999, eps 1e-6, no weight
-# decay, bias correction; ORT's "hf" mode puts eps inside the bias correction, a difference of
-# order 1e-6 in the step), the step graph built with the same (STEP_OPTIMIZER: it computes what
-# torch.optim.AdamW computes), cosine learning rate from LR to 0 over each stage; the init stage
+# decay, bias correction; ORT's "hf" mode puts eps inside the bias correction, so its eps acts
+# as torch's eps / sqrt(1 - 0.999^t): 3e-5 at the first step, 4e-6 at the 72nd, which matters only
+# where a gradient is that small), the step graph built with the same (STEP_OPTIMIZER: it computes
+# what torch.optim.AdamW computes), cosine learning rate from LR to 0 over each stage; the init stage
 # of AB, FT and FSP runs INIT_EPOCHS first and its parameters carry into the main stage by name.
 # Data order: the step-graph trainers take one .npz per seed holding the main stage's batches one
 # after another (stream_file) in file order (--no-shuffle); an init stage's batches are its
@@ -347,6 +348,8 @@ def run_step(route, sidecar_path, stream, test, epochs, init_epochs, workdir):
             "--batch", BATCH, "--lr", LR, "--schedule", "cosine", "--no-shuffle", "--log-every", 10 ** 6, "-o", student]
     if route == "tract":
         run_command([kdgraph_bin(), "train", *args])
+    elif not ORT_PYTHON.exists():
+        raise RuntimeError(f"`{ORT_PYTHON}` is missing: create .venv-ort (bash scripts/test.sh does)")
     else:
         run_command([ORT_PYTHON, "-c", ONE_THREAD_ORT, ROOT / "examples" / "train_onnxruntime.py", *args])
     return accuracy_onnx(student, test)
