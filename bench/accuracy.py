@@ -623,7 +623,8 @@ def agreement(a, b):
 
 
 def results(plan, teacher_acc, runs, notes, spent, load):
-    """The JSON document: configuration, teacher, time spent ((wall s, CPU s, jobs): the CPU time
+    """The JSON document: configuration, whether every cell has every seed ("complete": false for a
+    stopped run), teacher, time spent ((wall s, CPU s, jobs): the CPU time
     over the jobs is the run's time on an idle machine), the load average sampled after every
     job, and per student and method: each
     route's summary ("routes"), why a route did not run ("not_run"), and each kdgraph route against
@@ -647,7 +648,9 @@ def results(plan, teacher_acc, runs, notes, spent, load):
               "crd": {"n_data": TRAIN, "negatives": CRD_NEGATIVES}, "routes": ROUTE_NAMES, "threads_per_run": THREADS,
               "kdgraph": str(kdgraph_bin())}
     wall, cpu, jobs = spent
-    return {"config": config, "teacher_accuracy": teacher_acc, "total_wall_s": wall, "total_cpu_s": cpu,
+    expected = {(st, m, r) for st in plan.students for m in plan.methods for r in ROUTES if (m, r) not in SKIPPED}
+    complete = all(len(runs.get(cell, ())) == len(plan.seeds) for cell in expected)
+    return {"config": config, "complete": complete, "teacher_accuracy": teacher_acc, "total_wall_s": wall, "total_cpu_s": cpu,
             "idle_machine_estimate_s": cpu / jobs,
             "load_average_1min": {"mean": float(np.mean(load)), "min": float(min(load)), "max": float(max(load)),
                                   "samples": len(load)},
