@@ -3,7 +3,7 @@
 # Command line (numpy, onnx and onnxruntime; onnxruntime-gpu for --device cuda):
 #     python examples/train_onnxruntime.py joint.json --data train.npz [--val val.npz]
 #         [--steps S | --epochs E] [--batch 64] [--lr 1e-3] [--schedule constant|cosine|step]
-#         [--seed 0] [--device cpu|cuda] [-o student.onnx] [--log losses.jsonl]
+#         [--seed 0 | --no-shuffle] [--device cpu|cuda] [-o student.onnx] [--log losses.jsonl]
 #
 # The same loop as `kdgraph train`, on onnxruntime's InferenceSession: the step graph
 # (`joint.step.onnx`: forward, backward and the optimizer's update in one graph) takes the batch,
@@ -12,7 +12,8 @@
 # `<name>_next`. The sidecar's `step.carried` lists them.
 #
 # Batches are kdgraph train's: the same seeded shuffle (splitmix64, Fisher-Yates), the last partial
-# batch of an epoch dropped, the same schedules, so the two trainers' logs agree step by step.
+# batch of an epoch dropped, the same schedules, so the two trainers' logs agree step by step;
+# --no-shuffle (both trainers) takes the batches in the file's order instead.
 # The init stage (AB, FT, FSP) trains first where the sidecar lists one; its trained parameters
 # and statistics start the main stage (by name).
 #
@@ -401,7 +402,7 @@ def train_stage(args, index, sidecar, is_main, carried_over, data, log):
         epoch, position = divmod(step - 1, per_epoch)
         if position == 0:
             epoch_start = shuffle.state
-            order = shuffle.order(per_epoch * args.batch)
+            order = list(range(per_epoch * args.batch)) if args.no_shuffle else shuffle.order(per_epoch * args.batch)
         indices = order[position * args.batch:(position + 1) * args.batch]
         lr = rate(args.schedule, args.lr, steps, step)
         crd_feeds = {Crd.INDEX: np.array(indices, np.int64), Crd.CONTRAST: crd.contrast_index(y, indices, step)} if crd else None
@@ -463,6 +464,7 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--schedule", choices=["constant", "cosine", "step"], default="constant")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-shuffle", action="store_true", help="batches in the data file's order, every epoch")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("-o", "--output", default="student.onnx")
     parser.add_argument("--log", help="every step's losses, learning rate and batch as JSON lines")

@@ -99,6 +99,10 @@ struct TrainArgs {
     /// Seed of the shuffle.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Take the batches in the data file's order, every epoch (a stream prepared in advance,
+    /// such as augmented epochs written one after another).
+    #[arg(long)]
+    no_shuffle: bool,
     /// Continue from this checkpoint (written every epoch and on Ctrl-C); give the same data,
     /// --batch, --lr, --schedule and length as the run that wrote it.
     #[arg(long, value_name = "NPZ")]
@@ -601,6 +605,7 @@ fn train(args: TrainArgs) -> Result<()> {
             ScheduleChoice::Step => ScheduleKind::Step,
         },
         seed: args.seed,
+        no_shuffle: args.no_shuffle,
         resume: args.resume,
         output: args.output,
         checkpoint,

@@ -53,6 +53,8 @@ pub struct TrainOptions {
     pub lr: f32,
     pub schedule: ScheduleKind,
     pub seed: u64,
+    /// Take every epoch's batches in the data file's order instead of shuffling them.
+    pub no_shuffle: bool,
     pub resume: Option<PathBuf>,
     /// The trained student.
     pub output: PathBuf,
@@ -284,6 +286,8 @@ struct Trainer<'a> {
 /// The batches of a stage, epoch by epoch, from a seeded shuffle.
 struct Batches {
     shuffle: Shuffle,
+    /// `--no-shuffle`: the file's order every epoch (the shuffle is not drawn).
+    in_file_order: bool,
     /// The shuffle's state at the start of the current epoch, and that epoch's order.
     epoch: Option<(u64, u64, Vec<usize>)>,
     per_epoch: u64,
@@ -296,7 +300,12 @@ impl Batches {
         let epoch = (step - 1) / self.per_epoch;
         if self.epoch.as_ref().is_none_or(|(e, _, _)| *e != epoch) {
             let start = self.shuffle.state;
-            let order = self.shuffle.order(self.per_epoch as usize * self.batch);
+            let count = self.per_epoch as usize * self.batch;
+            let order = if self.in_file_order {
+                (0..count).collect()
+            } else {
+                self.shuffle.order(count)
+            };
             self.epoch = Some((epoch, start, order));
         }
         let (_, _, order) = self.epoch.as_ref().expect("set above");
@@ -440,6 +449,7 @@ impl Trainer<'_> {
         };
         let mut batches = Batches {
             shuffle,
+            in_file_order: options.no_shuffle,
             epoch: None,
             per_epoch,
             batch: options.batch,

@@ -101,6 +101,22 @@ def test_kdgraph_students_run_on_stock_onnxruntime(tract_run, onnxruntime_run, d
     assert np.linalg.norm(logits[0] - logits[1]) <= 1e-2 * np.linalg.norm(logits[1])
 
 
+def test_no_shuffle_takes_the_batches_in_file_order_in_both_trainers(kdgraph_bin, joint, data, tmp_path):
+    """--no-shuffle: every epoch the file's batches in order (1.5 epochs here), in both trainers."""
+    steps = SAMPLES // BATCH * 3 // 2
+    logs = []
+    for name, cmd in (("tract", [str(kdgraph_bin), "train"]), ("onnxruntime", [sys.executable, str(EXAMPLE)])):
+        out = tmp_path / name
+        out.mkdir()
+        run([*cmd, *common(joint, data, out, steps), "--no-shuffle"])
+        logs.append(read_log(out / "log.jsonl"))
+    in_order = [[(s * BATCH + i) % SAMPLES for i in range(BATCH)] for s in range(steps)]
+    for log in logs:
+        assert [line["indices"] for line in log] == in_order
+    for a, b in zip(*logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"step {a['step']}"
+
+
 # --------------------------------------------------------------------------- CRD
 
 
