@@ -35,7 +35,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
 from bench import CACHE, export  # noqa: E402
-from timing import rounds, seconds  # noqa: E402
+from timing import Worker, rounds, seconds  # noqa: E402
 import train_ort  # noqa: E402
 
 THREADS = 2
@@ -61,24 +61,6 @@ for line in sys.stdin:
     t = time.perf_counter(); s.run(None, f)
     print(time.perf_counter() - t, flush=True)
 """
-
-
-class StockWorker:
-    """The STOCK_WORKER process for one joint graph and its gradient graph."""
-
-    def __init__(self, python, joint, grad, feeds):
-        self.process = subprocess.Popen([str(python), "-c", STOCK_WORKER, str(joint), str(grad), str(feeds)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.version = self.process.stdout.readline().strip()
-
-    def time(self, graph):
-        self.process.stdin.write(graph + "\n")
-        self.process.stdin.flush()
-        return float(self.process.stdout.readline())
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait()
 
 
 def kdgraph_bin():
@@ -150,12 +132,12 @@ def main():
                 [str(kdgraph_bin()), "merge", str(teacher), str(student), "-m", method, "-o", str(joint), "--emit", "gradients", "--no-check"],
                 check=True, stdout=subprocess.DEVNULL,
             )
-            worker = StockWorker(stock_python, joint, joint.with_name("joint.grad.onnx"), feeds)
+            worker = Worker(stock_python, STOCK_WORKER, joint, joint.with_name("joint.grad.onnx"), feeds)
             stage = train_ort.Stage(joint.with_suffix(".json"), CACHE / f"{method}_{size}" / "artifacts")
             torch_run = pytorch_step(method, x, y)
             times = rounds({
-                "stock_forward_s": lambda: worker.time("forward"),
-                "stock_gradients_s": lambda: worker.time("gradients"),
+                "stock_forward_s": lambda: worker.ask("forward"),
+                "stock_gradients_s": lambda: worker.ask("gradients"),
                 "ort_training_forward_backward_s": lambda: seconds(lambda: stage.forward_backward({"input": x, "labels": y})),
                 "pytorch_forward_backward_s": lambda: seconds(torch_run),
             }, args.rounds)

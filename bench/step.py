@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
 from bench import CACHE, export  # noqa: E402
 from gradients import THREADS, pytorch_step  # noqa: E402
-from timing import rounds, seconds  # noqa: E402
+from timing import Worker, rounds, seconds  # noqa: E402
 import train_ort  # noqa: E402
 
 ROUNDS = 5
@@ -66,26 +66,6 @@ for line in sys.stdin:
     start = time.perf_counter(); runner.step(x, y, 1e-4, done)
     print(time.perf_counter() - start, flush=True)
 """
-
-
-class StockWorker:
-    """The STOCK_WORKER process for one step graph and one batch."""
-
-    def __init__(self, python, sidecar, batch_file):
-        self.process = subprocess.Popen([str(python), "-c", STOCK_WORKER, str(ROOT / "examples"), str(sidecar), str(batch_file)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.version = self.process.stdout.readline().strip()
-        if not self.version:
-            raise RuntimeError(f"the stock onnxruntime worker failed on {sidecar}")
-
-    def ask(self, line):
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
-        return float(self.process.stdout.readline())
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait()
 
 
 def kdgraph_bin():
@@ -140,7 +120,7 @@ def main():
             sidecar = joint.with_suffix(".json")
             with tempfile.TemporaryDirectory() as work:
                 tract_s, tract_peak = tract_step(sidecar, data, args.batch, Path(work))
-            worker = StockWorker(stock_python, sidecar, batch_file)
+            worker = Worker(stock_python, STOCK_WORKER, ROOT / "examples", sidecar, batch_file)
             stock_version = worker.version
             stage = train_ort.Stage(sidecar, folder / "artifacts")
             torch_run = pytorch_step(method, x, y, update=True)

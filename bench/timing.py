@@ -1,6 +1,7 @@
 """Paired timings for the bench scripts, robust enough for a busy machine: callables run
 interleaved, several repetitions, each timed by the wall clock (and by the process's CPU time)."""
 
+import subprocess
 import time
 
 import numpy as np
@@ -53,3 +54,24 @@ def rounds(routes, count):
             if i:
                 times[name].append(taken)
     return times
+
+
+class Worker:
+    """A Python process (another environment's `python`) running `script` with `args`: it prints
+    one line first (its onnxruntime version, say), then answers each request line with a number."""
+
+    def __init__(self, python, script, *args):
+        self.process = subprocess.Popen([str(python), "-c", script, *map(str, args)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.version = self.process.stdout.readline().strip()
+        if not self.version:
+            raise RuntimeError(f"the worker {python} failed to start (arguments {args})")
+
+    def ask(self, request):
+        self.process.stdin.write(request + "\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
