@@ -63,6 +63,21 @@ for line in sys.stdin:
 """
 
 
+def model_pair(size):
+    """The cached exports (teacher, student) at size x size: resnet50 in eval mode, resnet18 in training mode."""
+    return (export("resnet50", False, CACHE / f"resnet50_eval_{size}.onnx", size),
+            export("resnet18", True, CACHE / f"resnet18_train_{size}.onnx", size))
+
+
+def save_result(name, result):
+    """bench/results/<name>.json: `result` after the command and the machine that measured it."""
+    document = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+                **result}
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
 def kdgraph_bin():
     return Path(os.environ.get("KDGRAPH_BIN", ROOT / "target" / "debug" / "kdgraph"))
 
@@ -118,8 +133,7 @@ def main():
     CACHE.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        teacher = export("resnet50", False, CACHE / f"resnet50_eval_{size}.onnx", size)
-        student = export("resnet18", True, CACHE / f"resnet18_train_{size}.onnx", size)
+        teacher, student = model_pair(size)
         rng = np.random.default_rng(0)
         x = rng.standard_normal((args.batch, 3, size, size), dtype=np.float32)
         y = (np.arange(args.batch) % 1000).astype(np.int64)
@@ -151,15 +165,11 @@ def main():
             row["over_ort_training"] = float(np.median(grad / np.array(times["ort_training_forward_backward_s"])))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+    save_result("gradients", {
         "versions": {"onnxruntime_stock": stock_version, "onnxruntime_training": onnxruntime.__version__, "torch": torch.__version__},
         "threads": THREADS, "rounds": args.rounds, "statistic": "median of interleaved rounds (ratios: median of the rounds' ratios)",
         "rows": rows,
-    }
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "gradients.json").write_text(json.dumps(result, indent=2) + "\n")
+    })
     print("| method | size | forward (stock ORT) | gradient graph (stock ORT) | backward / forward | ORT Training fwd+bwd | PyTorch eager fwd+bwd | gradient graph / PyTorch |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -21,7 +21,6 @@ Writes bench/results/step.json and prints a Markdown table.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
-from bench import CACHE, export  # noqa: E402
-from gradients import THREADS, pytorch_step  # noqa: E402
+from bench import CACHE  # noqa: E402
+from gradients import THREADS, model_pair, pytorch_step, save_result  # noqa: E402
 from timing import Worker, rounds, seconds  # noqa: E402
 import train_ort  # noqa: E402
 
@@ -100,8 +99,7 @@ def main():
     CACHE.mkdir(parents=True, exist_ok=True)
     rows, stock_version = [], None
     for size in [int(s) for s in args.sizes.split(",")]:
-        teacher = export("resnet50", False, CACHE / f"resnet50_eval_{size}.onnx", size)
-        student = export("resnet18", True, CACHE / f"resnet18_train_{size}.onnx", size)
+        teacher, student = model_pair(size)
         rng = np.random.default_rng(0)
         count = args.batch * (1 + TRACT_STEPS)
         x_all = rng.standard_normal((count, 3, size, size), dtype=np.float32)
@@ -140,17 +138,13 @@ def main():
             row["tract_over_stock"] = tract_s / row["stock_step_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+    save_result("step", {
         "versions": {"onnxruntime_stock": stock_version, "onnxruntime_training": onnxruntime.__version__,
                      "torch": torch.__version__, "kdgraph": str(kdgraph_bin())},
         "threads": THREADS, "rounds": args.rounds, "tract_steps": TRACT_STEPS,
         "statistic": "median of interleaved rounds (ratios: median of the rounds' ratios); tract: (run of 1+R steps - run of 1) / R",
         "rows": rows,
-    }
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "step.json").write_text(json.dumps(result, indent=2) + "\n")
+    })
     print("| method | size | stock ORT step | tract step | ORT Training step | PyTorch eager step | stock / ORT Training | stock / PyTorch | tract / stock | peak MiB (stock, tract) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
