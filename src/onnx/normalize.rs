@@ -322,9 +322,8 @@ pub fn inline_constant_aliases(graph: &mut pb::GraphProto) {
 /// torch.export writes `split` and `chunk` as a SplitToSequence read by SequenceAt at constant
 /// indices, ops tract does not know. Where the split sizes and every index are constants, each
 /// SequenceAt becomes a Slice of the split input (the same tensor under the same name) and the
-/// SplitToSequence goes. Returns how many were rewritten; other sequences are left for
-/// validation to refuse.
-pub fn sequence_splits(graph: &mut pb::GraphProto, opset: i64) -> usize {
+/// SplitToSequence goes. Other sequences are left for validation to refuse.
+pub fn sequence_splits(graph: &mut pb::GraphProto, opset: i64) {
     let mut constants: HashMap<String, (Vec<i64>, bool)> = graph
         .initializer
         .iter()
@@ -404,7 +403,7 @@ pub fn sequence_splits(graph: &mut pb::GraphProto, opset: i64) -> usize {
         }
     }
     if dropped.is_empty() {
-        return 0;
+        return;
     }
     let mut b = GraphBuilder::new(opset, proto::names_in(graph));
     let mut nodes = Vec::with_capacity(graph.node.len());
@@ -431,5 +430,4 @@ pub fn sequence_splits(graph: &mut pb::GraphProto, opset: i64) -> usize {
     }
     graph.node = nodes;
     graph.initializer.append(&mut b.initializers);
-    dropped.len()
 }
