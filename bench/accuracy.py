@@ -3,6 +3,7 @@
 # Run (--quick: one method, one seed, about 60 s alone on the machine, 4 minutes beside the full run):
 #     .venv/bin/python bench/accuracy.py            # writes bench/results/accuracy.{json,md,png}
 #     .venv/bin/python bench/accuracy.py --quick    # what tests/python/test_accuracy_quick.py runs
+#     .venv/bin/python bench/accuracy.py --students resnet8 --methods rkd --seeds 3 4 5 --out /tmp/rkd  # a part
 #
 # Data: scikit-learn's bundled handwritten digits (1,797 8x8 gray images, 10 classes), resized to
 # 32x32 (bilinear: the fixture networks are CIFAR networks, built for 32x32), the gray channel
@@ -36,7 +37,9 @@
 # first ones, as in the other routes. CRD: N = TRAIN memory rows and K = CRD_NEGATIVES negatives
 # from other classes (RepDistiller's K/N = 16384/50000, scaled), memories initialised as
 # train_ort.crd_state does, contrast indices drawn once per seed and fed to ORT Training and
-# PyTorch; the step-graph routes do not run it (SKIPPED says why).
+# PyTorch; the step-graph trainers draw their own (the same distributions: uniform memories,
+# negatives without replacement from other classes) from --seed, and index the memory by the
+# stream's `id` array (each row's training sample).
 # Cross-family FSP needs --fsp-connectors (the reference FSP pairs equal channel counts only).
 #
 # Sizes: BATCH = 25, EPOCHS = 6 (72 steps; init stages INIT_EPOCHS = 2, 24 steps), the teacher
@@ -47,8 +50,8 @@
 # time is recorded (on a shared machine wall time says more about the others' jobs). CPU per
 # resnet8 run, merge included: ORT Training 4 s, stock onnxruntime 6 s, PyTorch 5 s, kdgraph train
 # 18-20 s (tract runs this step graph about 4 times slower than onnxruntime); mobile_half about 1.8
-# times that. The whole run (teacher, 2 students x 15 configurations x 4 routes x 3 seeds, CRD
-# twice fewer) is about 4,400 CPU seconds: about 37 minutes on the idle 2-core machine
+# times that. The whole run (teacher, 2 students x 15 configurations x 4 routes x 3 seeds)
+# is about 4,500 CPU seconds: about 37 minutes on the idle 2-core machine
 # (results["idle_machine_estimate_s"] is the measured figure of a run).
 
 import argparse
@@ -94,6 +97,7 @@ ROUTES = ("ort", "tract", "onnxruntime", "torch")  # PyTorch last: the reference
 ROUTE_NAMES = {"ort": "ORT Training", "tract": "kdgraph train", "onnxruntime": "onnxruntime step", "torch": "PyTorch"}
 STEP_ROUTES = ("tract", "onnxruntime")  # the step graph of `kdgraph merge --emit step`
 REFERENCE = "torch"
+PAIRED_P = 0.01  # the paired t-test's p below which a route's difference from PyTorch is starred
 # The step graph's optimizer, as ORT Training's artifacts build theirs (onnxblock.optim.AdamW's
 # defaults: betas 0.9/0.999, eps 1e-6, no weight decay) and as the PyTorch route's torch.optim.AdamW.
 STEP_OPTIMIZER = ["--optimizer", "adamw", "--betas", "0.9,0.999", "--eps", "1e-6", "--weight-decay", "0"]
@@ -108,10 +112,6 @@ ONE_THREAD_ORT = ("import runpy, sys, onnxruntime as o\n"
                   "o.SessionOptions = Options\n"
                   "sys.argv[0] = sys.argv.pop(1)\n"
                   "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-# Where a route cannot run a method, and why (recorded in the results).
-SKIPPED = {(m, r): "kdgraph train and examples/train_onnxruntime.py do not feed CRD on this branch; where they do "
-           "(branch parity), they index the memory bank by position in the data file, which the precomputed "
-           "epoch stream (epochs x TRAIN rows) breaks" for m in ("crd",) for r in STEP_ROUTES}
 TEACHER = "resnet20"
 STUDENTS = ("resnet8", "mobile_half")
 RESULTS = ROOT / "bench" / "results"
@@ -328,24 +328,28 @@ def run_ort(sidecar_path, train, test, seed, epochs, init_epochs, workdir):
 
 
 def stream_file(train, epochs, seed, path):
-    """The main stage's batches (`schedule`), written one after another as one .npz (x, y) that the
-    step-graph trainers take in file order (--no-shuffle): the same images, augmentation and order
-    as the other routes. An init stage's batches are the first of them (`schedule` draws epoch by
-    epoch from the seed), so its trainer takes the first --init-steps batches of the same file."""
+    """The main stage's batches (`schedule`), written one after another as one .npz (x, y, and each
+    row's sample in `id`, which CRD's memory is indexed by) that the step-graph trainers take in
+    file order (--no-shuffle): the same images, augmentation and order as the other routes. An init
+    stage's batches are the first of them (`schedule` draws epoch by epoch from the seed), so its
+    trainer takes the first --init-steps batches of the same file."""
     if not path.exists():
         batches = schedule(train, epochs, seed)
-        np.savez(path, x=np.concatenate([b.x for b in batches]), y=np.concatenate([b.y for b in batches]))
+        np.savez(path, x=np.concatenate([b.x for b in batches]), y=np.concatenate([b.y for b in batches]),
+                 id=np.concatenate([b.index for b in batches]).astype(np.int64))
     return path
 
 
-def run_step(route, sidecar_path, stream, test, epochs, init_epochs, workdir):
+def run_step(route, sidecar_path, stream, test, seed, epochs, init_epochs, workdir):
     """Trains every stage's step graph with `kdgraph train` (tract) or examples/train_onnxruntime.py
-    (stock onnxruntime, in .venv-ort); the exported student's test accuracy."""
+    (stock onnxruntime, in .venv-ort); the exported student's test accuracy. The seed draws CRD's
+    memories and negatives (the batches are the file's)."""
     per_epoch = TRAIN // BATCH
     workdir.mkdir(parents=True, exist_ok=True)
     student = workdir / "student.onnx"
     args = [sidecar_path, "--data", stream, "--steps", epochs * per_epoch, "--init-steps", init_epochs * per_epoch,
-            "--batch", BATCH, "--lr", LR, "--schedule", "cosine", "--no-shuffle", "--log-every", 10 ** 6, "-o", student]
+            "--batch", BATCH, "--lr", LR, "--schedule", "cosine", "--no-shuffle", "--seed", seed,
+            "--log-every", 10 ** 6, "-o", student]
     if route == "tract":
         run_command([kdgraph_bin(), "train", *args])
     elif not ORT_PYTHON.exists():
@@ -551,7 +555,7 @@ def run_route(route, sidecar, stream, model, teacher, train, test, seed, plan, w
     if route == "ort":
         return run_ort(sidecar, train, test, seed, plan.epochs, plan.init_epochs, workdir)
     if route in STEP_ROUTES:
-        return run_step(route, sidecar, stream, test, plan.epochs, plan.init_epochs, workdir)
+        return run_step(route, sidecar, stream, test, seed, plan.epochs, plan.init_epochs, workdir)
     return run_torch(sidecar, copy.deepcopy(model), teacher, train, test, seed, plan.epochs, plan.init_epochs)
 
 
@@ -570,12 +574,10 @@ class Job:
 
 
 def run_job(job):
-    """(student, method, route, accuracy or None, wall s, CPU s, why it did not run or None) of one Job:
+    """(student, method, route, seed, accuracy or None, wall s, CPU s, why it did not run or None) of one Job:
     merges its own graph (the step graph only for the step routes), then trains; the times count
     both (CPU: this process and its subprocesses, kdgraph's and .venv-ort's). A route that fails
     is recorded with its one-line error, and the run goes on."""
-    if (job.method, job.route) in SKIPPED:
-        return job.student, job.method, job.route, None, 0.0, 0.0, SKIPPED[job.method, job.route]
     torch.set_num_threads(THREADS)
     train, test = digits()
     teacher = build(TEACHER, 0)
@@ -590,10 +592,10 @@ def run_job(job):
                         job.workdir / name)
     except RuntimeError as exc:
         log(f"{name} FAILED: {exc}")
-        return job.student, job.method, job.route, None, 0.0, 0.0, str(exc)
+        return job.student, job.method, job.route, job.seed, None, 0.0, 0.0, str(exc)
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     log(f"{job.student} seed {job.seed} {job.method:7s} {ROUTE_NAMES[job.route]:16s} {acc:6.2f}%  {wall:6.1f} s ({cpu:.1f} s CPU)")
-    return job.student, job.method, job.route, acc, wall, cpu, None
+    return job.student, job.method, job.route, job.seed, acc, wall, cpu, None
 
 
 def stream_path(job):
@@ -607,19 +609,36 @@ def student_file(job):
 
 
 def summary(runs):
-    """{"mean", "std", "n", "accuracies", "wall_s", "cpu_s"} of a list of (accuracy, wall, cpu) runs."""
-    accs = np.array([a for a, _, _ in runs])
+    """{"mean", "std", "n", "seeds", "accuracies" (in seed order), "wall_s", "cpu_s"} of a list of
+    (seed, accuracy, wall, cpu) runs."""
+    runs = sorted(runs)
+    accs = np.array([a for _, a, _, _ in runs])
     return {"mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, "n": len(accs),
-            "accuracies": accs.tolist(), "wall_s": float(np.mean([r[1] for r in runs])),
-            "cpu_s": float(np.mean([r[2] for r in runs]))}
+            "seeds": [seed for seed, _, _, _ in runs], "accuracies": accs.tolist(),
+            "wall_s": float(np.mean([r[2] for r in runs])), "cpu_s": float(np.mean([r[3] for r in runs]))}
 
 
 def agreement(a, b):
-    """(difference of means a - b, its bound, within): within noise when the difference is at most
-    2 standard errors of the difference or at most 0.5 points."""
+    """The issue's check of route a against route b: {"difference" of means a - b, its "bound",
+    "within_noise"}: within noise when the difference is at most 2 standard errors of the difference
+    or at most 0.5 points. Then the paired view of the same runs (every route of a seed starts from
+    the same weights and sees the same batches): the per-seed differences' mean, its standard error
+    and the two-sided p-value of a paired t-test ("paired"), which a route that tracks PyTorch
+    closely makes sharp: it tells a systematic difference from the spread between seeds."""
+    from scipy import stats
     diff = a["mean"] - b["mean"]
     bound = max(2.0 * math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]), 0.5)
-    return diff, bound, abs(diff) <= bound
+    check = {"difference": diff, "bound": bound, "within_noise": abs(diff) <= bound}
+    by_seed = dict(zip(b["seeds"], b["accuracies"]))
+    paired = np.array([acc - by_seed[seed] for seed, acc in zip(a["seeds"], a["accuracies"]) if seed in by_seed])
+    if len(paired) > 1:
+        se = float(paired.std(ddof=1) / math.sqrt(len(paired)))
+        if se > 0:
+            p = float(stats.ttest_1samp(paired, 0.0).pvalue)
+        else:  # every seed the same difference
+            p = 1.0 if paired[0] == 0 else 0.0
+        check["paired"] = {"difference": float(paired.mean()), "se": se, "p": p, "n": len(paired)}
+    return check
 
 
 def results(plan, teacher_acc, runs, notes, spent, load):
@@ -639,8 +658,7 @@ def results(plan, teacher_acc, runs, notes, spent, load):
             routes = entry.get("routes", {})
             for route in ROUTES:
                 if route != REFERENCE and min(routes.get(r, {"n": 0})["n"] for r in (route, REFERENCE)) > 1:
-                    diff, bound, ok = agreement(routes[route], routes[REFERENCE])
-                    entry.setdefault("against_torch", {})[route] = {"difference": diff, "bound": bound, "within_noise": ok}
+                    entry.setdefault("against_torch", {})[route] = agreement(routes[route], routes[REFERENCE])
     config = {"data": {"train": TRAIN, "test": TEST, "size": SIZE, "shift": SHIFT, "batch": BATCH},
               "teacher": TEACHER, "students": list(plan.students), "methods": list(plan.methods), "seeds": list(plan.seeds),
               "epochs": plan.epochs, "init_epochs": plan.init_epochs, "teacher_epochs": plan.teacher_epochs, "lr": LR,
@@ -648,7 +666,7 @@ def results(plan, teacher_acc, runs, notes, spent, load):
               "crd": {"n_data": TRAIN, "negatives": CRD_NEGATIVES}, "routes": ROUTE_NAMES, "threads_per_run": THREADS,
               "kdgraph": str(kdgraph_bin())}
     wall, cpu, jobs = spent
-    expected = {(st, m, r) for st in plan.students for m in plan.methods for r in ROUTES if (m, r) not in SKIPPED}
+    expected = {(st, m, r) for st in plan.students for m in plan.methods for r in ROUTES}
     complete = all(len(runs.get(cell, ())) == len(plan.seeds) for cell in expected)
     return {"config": config, "complete": complete, "teacher_accuracy": teacher_acc, "total_wall_s": wall, "total_cpu_s": cpu,
             "idle_machine_estimate_s": cpu / jobs,
@@ -674,26 +692,39 @@ def cell(entry, route):
     return f"{s['mean']:.1f} ± {s['std']:.1f} ({s['cpu_s']:.0f} s)"
 
 
+def paired_cell(paired):
+    """The paired difference ± its SE, starred where the paired t-test's p is below PAIRED_P."""
+    if paired is None:
+        return "-"
+    return f"{paired['difference']:+.1f} ± {paired['se']:.1f}{' *' if paired['p'] < PAIRED_P else ''}"
+
+
 def markdown(doc):
     """The README table: per student, each route's accuracy (mean ± std over seeds, CPU time per
     run), each kdgraph route's difference from PyTorch against its noise bound, and each method's
     gain over the plain student per route."""
     lines = [f"Teacher {TEACHER}: {doc['teacher_accuracy']:.1f}%. Test accuracy (%), mean ± std over the seeds "
              f"(CPU time per run, one thread). Difference from PyTorch: each kdgraph route's difference of means "
-             f"({', '.join(ROUTE_NAMES[r] for r in ROUTES if r != REFERENCE)}), its bound in parentheses.", ""]
+             f"({', '.join(ROUTE_NAMES[r] for r in ROUTES if r != REFERENCE)}), its bound in parentheses (2 standard "
+             f"errors of the difference, at least 0.5), MISS beyond it. Paired: the mean over seeds of the route's "
+             f"accuracy minus PyTorch's from the same initial weights and batches, ± its standard error; * where a "
+             f"paired t-test gives p < {PAIRED_P}.", ""]
     for student, methods in doc["students"].items():
         plain = methods.get(PLAIN, {}).get("routes", {})
         lines += [f"**{student}** ({seeds_done(doc, student)} seeds)", "",
-                  "| method | " + " | ".join(ROUTE_NAMES[r] for r in ROUTES) + " | difference from PyTorch (bound) | gain over plain (same order) |",
-                  "|---|" + "---|" * (len(ROUTES) + 2)]
+                  "| method | " + " | ".join(ROUTE_NAMES[r] for r in ROUTES)
+                  + " | difference from PyTorch (bound) | paired difference ± SE | gain over plain (same order) |",
+                  "|---|" + "---|" * (len(ROUTES) + 3)]
         for method in [m for m in doc["config"]["methods"] if m in methods]:
             entry = methods[method]
             checks = entry.get("against_torch", {})
             agree = " / ".join(f"{c['difference']:+.1f} ({c['bound']:.1f}){'' if c['within_noise'] else ' MISS'}" if c else "-"
                                for c in (checks.get(r) for r in ROUTES if r != REFERENCE))
+            paired = " / ".join(paired_cell(checks.get(r, {}).get("paired")) for r in ROUTES if r != REFERENCE)
             routes = entry.get("routes", {})
             gains = " / ".join(f"{routes[r]['mean'] - plain[r]['mean']:+.1f}" if r in routes and r in plain else "-" for r in ROUTES)
-            lines.append(f"| {method} | {' | '.join(cell(entry, r) for r in ROUTES)} | {agree} | {'' if method == PLAIN else gains} |")
+            lines.append(f"| {method} | {' | '.join(cell(entry, r) for r in ROUTES)} | {agree} | {paired} | "
+                         f"{'' if method == PLAIN else gains} |")
         lines.append("")
     notes = sorted({why for methods in doc["students"].values() for e in methods.values()
                     for whys in e.get("not_run", {}).values() for why in whys})
@@ -752,9 +783,9 @@ def benchmark(plan, workdir, out=None, jobs=1):
         stream_file(train, plan.epochs, job.seed, stream_path(job))
     runs, notes, load, cpu_total = {}, {}, [os.getloadavg()[0]], cpu_seconds()
     with multiprocessing.get_context("spawn").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
-        for student, method, route, acc, wall, cpu, why in (pool.imap_unordered(run_job, work) if pool else map(run_job, work)):
+        for student, method, route, seed, acc, wall, cpu, why in (pool.imap_unordered(run_job, work) if pool else map(run_job, work)):
             if why is None:
-                runs.setdefault((student, method, route), []).append((acc, wall, cpu))
+                runs.setdefault((student, method, route), []).append((seed, acc, wall, cpu))
                 cpu_total += cpu
             else:
                 notes.setdefault((student, method, route), []).append(why)
@@ -784,12 +815,16 @@ def main():
     parser.add_argument("--epochs", type=int, help=f"main-stage epochs (default {EPOCHS}; fewer: a reduced run)")
     parser.add_argument("--init-epochs", type=int, help=f"init-stage epochs of AB, FT, FSP (default {INIT_EPOCHS})")
     parser.add_argument("--teacher-epochs", type=int, help=f"the teacher's epochs (default {TEACHER_EPOCHS})")
+    parser.add_argument("--students", nargs="+", choices=STUDENTS, help="students (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=(PLAIN,) + METHODS, help="methods (default: plain and all 14)")
+    parser.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default: {' '.join(map(str, SEEDS))})")
     parser.add_argument("--jobs", type=int, default=2, help="routes trained at once (default: 2, the cores)")
     parser.add_argument("--workdir", type=Path, help="where models and graphs go (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     plan, out = (QUICK, args.out) if args.quick else (FULL, args.out or RESULTS)
-    sizes = {k: v for k, v in vars(args).items() if k in ("epochs", "init_epochs", "teacher_epochs") and v is not None}
+    sizes = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+             if k in ("epochs", "init_epochs", "teacher_epochs", "students", "methods", "seeds") and v is not None}
     plan = dataclasses.replace(plan, **sizes)
     if plan.init_epochs > plan.epochs:
         parser.error("--init-epochs must not exceed --epochs (an init stage trains on the first batches of the main stage's stream)")

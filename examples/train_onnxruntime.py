@@ -20,7 +20,9 @@
 # CRD: its memory banks and Z are carried like the parameters (initialised as kdgraph train does,
 # from the seed), and each step feeds the batch's sample indices and contrast indices (the sample,
 # then negatives of other classes) drawn as kdgraph train draws them (src/train/crd.rs), so the
-# two trainers feed CRD the same values. The data set must hold the merge's --crd-n-data samples.
+# two trainers feed CRD the same values. The data set must hold the merge's --crd-n-data samples:
+# its rows, or, where the file gives `id` (one int64 per row: several augmented views of one
+# sample share its id), the ids 0..N-1; CRD keeps one memory row per sample id.
 #
 # Device: every carried value lives in one of two buffer sets on the device (OrtValues); the step
 # reads one set and writes the other through IOBinding, and the sets swap after each step, so the
@@ -107,8 +109,39 @@ def role(sidecar, name):
 # --------------------------------------------------------------------------- data
 
 
+class Data:
+    """Images `x`, labels `y`, each row's sample id `ids`, and each sample's label by id."""
+
+    def __init__(self, x, y, ids, sample_labels):
+        self.x, self.y, self.ids, self.sample_labels = x, y, ids, sample_labels
+
+
+def sample_ids(path, ids, y):
+    """The optional `id` array, checked as kdgraph train does: (ids, each sample's label by id)."""
+    if ids is None:
+        return np.arange(len(y)), y
+    if ids.dtype != np.int64 or ids.shape != y.shape:
+        raise TrainingError(f"`{path}`: array `id` is {ids.dtype} of shape {list(ids.shape)}; save one sample id per image "
+                            f"as int64, shape ({len(y)},)")
+    if len(ids) and ids.min() < 0:
+        row = int(np.flatnonzero(ids < 0)[0])
+        raise TrainingError(f"`{path}`: id[{row}] = {ids[row]} is negative; number the samples 0, 1, 2, ...")
+    labels = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, np.int64)
+    for row, (sample, label) in enumerate(zip(ids, y)):
+        if labels[sample] not in (-1, label):
+            raise TrainingError(f"`{path}`: id[{row}] = {sample} is labelled {label}, but an earlier row of sample "
+                                f"{sample} is labelled {labels[sample]}; one sample id, one label")
+        labels[sample] = label
+    missing = np.flatnonzero(labels < 0)
+    if len(missing):
+        raise TrainingError(f"`{path}`: no row has id {missing[0]}, but ids go up to {len(labels) - 1}; number the "
+                            f"samples 0..M without gaps")
+    return ids, labels
+
+
 def load_data(path, image_dims, classes, batch):
-    """`x` (N, C, H, W) float32 and `y` (N,) int64 from an .npz, checked as kdgraph train does."""
+    """`x` (N, C, H, W) float32, `y` (N,) int64 and optionally `id` (N,) int64 from an .npz, checked
+    as kdgraph train does: a Data."""
     try:
         arrays = np.load(path)
     except OSError as exc:
@@ -128,7 +161,7 @@ def load_data(path, image_dims, classes, batch):
         raise TrainingError(f"`{path}`: label y[{bad[0]}] = {y[bad[0]]} is outside 0..{classes}")
     if len(y) < max(batch, 1):
         raise TrainingError(f"`{path}` holds {len(y)} samples, fewer than one batch of {batch}")
-    return x, y
+    return Data(x, y, *sample_ids(path, arrays["id"] if "id" in arrays.files else None, y))
 
 
 GOLDEN = 0x9E3779B97F4A7C15
@@ -387,7 +420,7 @@ def stage_steps(args, sidecar, is_main, per_epoch):
 
 
 def train_stage(args, index, sidecar, is_main, carried_over, data, log):
-    x, y = data
+    x, y = data.x, data.y
     per_epoch = len(y) // args.batch
     steps = stage_steps(args, sidecar, is_main, per_epoch)
     crd = Crd.of(sidecar, args.seed)
@@ -405,7 +438,8 @@ def train_stage(args, index, sidecar, is_main, carried_over, data, log):
             order = list(range(per_epoch * args.batch)) if args.no_shuffle else shuffle.order(per_epoch * args.batch)
         indices = order[position * args.batch:(position + 1) * args.batch]
         lr = rate(args.schedule, args.lr, steps, step)
-        crd_feeds = {Crd.INDEX: np.array(indices, np.int64), Crd.CONTRAST: crd.contrast_index(y, indices, step)} if crd else None
+        samples = data.ids[indices]
+        crd_feeds = {Crd.INDEX: samples.astype(np.int64), Crd.CONTRAST: crd.contrast_index(data.sample_labels, samples, step)} if crd else None
         terms = runner.step(x[indices], y[indices], lr, step, crd_feeds)
         if log:
             log.write(json.dumps({"stage": sidecar["stage"], "step": step, "epoch": epoch + 1, "lr": lr,
@@ -431,7 +465,7 @@ def train(args):
     classes = next(r["index_bound"] for r in main["inputs"] if r["role"] == "labels")
     data = load_data(args.data, image_dims, classes, args.batch)
     for crd in filter(None, (Crd.of(sidecar) for sidecar in stages)):
-        crd.check_data(args.data, data[1])
+        crd.check_data(args.data, data.sample_labels)
     val = load_data(args.val, image_dims, classes, 1) if args.val else None
     output = Path(args.output)
     log = open(args.log, "w") if args.log else None
@@ -447,7 +481,7 @@ def train(args):
     save_checkpoint(output.with_suffix(".ckpt.npz"), values, progress)
     export_student(main, carried_over, output)
     if val is not None:
-        print(f"validation accuracy {100 * accuracy(output, *val, args.batch):.2f}% ({len(val[1])} images)")
+        print(f"validation accuracy {100 * accuracy(output, val.x, val.y, args.batch):.2f}% ({len(val.y)} images)")
     print(f"wrote {output}; checkpoint {output.with_suffix('.ckpt.npz')}")
 
 

@@ -75,7 +75,8 @@ impl Crd {
         self.negatives + 1
     }
 
-    /// The data set must hold the samples the memories were built for, of at least two classes.
+    /// The data set must hold the samples the memories were built for (`labels`: each sample's, by
+    /// sample id), of at least two classes.
     pub fn check_data(&self, labels: &[i64], shown: &str) -> Result<()> {
         if labels.len() != self.n_data {
             return Err(Error::invalid_model(format!(
@@ -139,8 +140,8 @@ impl Crd {
         ]
     }
 
-    /// The contrast indices of the batch `indices` at step `step` (1 first), (B, K + 1): the
-    /// sample, then K samples of other classes. Row `r` draws from the stream seeded with
+    /// The contrast indices of the batch of samples `indices` (sample ids, `labels` by id) at step
+    /// `step` (1 first), (B, K + 1): the sample, then K samples of other classes. Row `r` draws from the stream seeded with
     /// `mix(mix((seed ^ CONTRAST_STREAM) + step) + r)`: each candidate's key is the stream's output
     /// at its sample index (`mix(row + (n + 1) * GOLDEN)`, distinct for distinct samples), and the
     /// K candidates of the smallest keys, smallest first, are the negatives. Where fewer than K

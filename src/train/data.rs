@@ -1,5 +1,5 @@
-//! The training data set (`x` (N, C, H, W) float32 images, `y` (N,) int64 labels, one .npz) and
-//! its seeded shuffle into batches of a fixed size.
+//! The training data set (`x` (N, C, H, W) float32 images, `y` (N,) int64 labels, optionally `id`
+//! (N,) int64 sample ids, one .npz) and its seeded shuffle into batches of a fixed size.
 
 use std::path::Path;
 
@@ -9,9 +9,20 @@ use tract_onnx::tract_core::ndarray::{ArrayD, Axis};
 use crate::arrays;
 use crate::error::{Error, Result};
 
-/// Images and labels, checked against what the graph takes.
+/// Images and labels, checked against what the graph takes, and which sample each row shows.
 pub struct DataSet {
     images: ArrayD<f32>,
+    labels: Vec<i64>,
+    samples: Samples,
+}
+
+/// Which sample each row shows: by default its own; with an `id` array, the sample of that id
+/// (a file of augmented views holds one sample in several rows). CRD keeps one memory row per
+/// sample and draws its negatives among samples.
+struct Samples {
+    /// The sample id of each row (None: the row's own index).
+    ids: Option<Vec<usize>>,
+    /// The label of each sample, by id.
     labels: Vec<i64>,
 }
 
@@ -31,6 +42,13 @@ impl DataSet {
         let labels = take(&mut arrays, "y", &shown)?;
         let images = float_images(images, expected.image_dims, &shown)?;
         let labels = int_labels(labels, images.shape()[0], expected.classes, &shown)?;
+        let samples = match take_optional(&mut arrays, "id") {
+            Some(ids) => sample_ids(ids, &labels, &shown)?,
+            None => Samples {
+                ids: None,
+                labels: labels.clone(),
+            },
+        };
         let count = labels.len();
         if count == 0 {
             return Err(Error::invalid_model(format!(
@@ -43,7 +61,11 @@ impl DataSet {
                 expected.batch
             )));
         }
-        Ok(DataSet { images, labels })
+        Ok(DataSet {
+            images,
+            labels,
+            samples,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -78,18 +100,79 @@ impl DataSet {
         self.labels[index]
     }
 
-    pub fn labels(&self) -> &[i64] {
-        &self.labels
+    /// The sample id of row `index` (the row itself unless the file gives `id`).
+    pub fn sample_id(&self, index: usize) -> usize {
+        self.samples.ids.as_ref().map_or(index, |ids| ids[index])
+    }
+
+    /// The label of each sample, by sample id.
+    pub fn sample_labels(&self) -> &[i64] {
+        &self.samples.labels
     }
 }
 
 fn take(arrays: &mut Vec<(String, Tensor)>, name: &str, shown: &str) -> Result<Tensor> {
-    let position = arrays.iter().position(|(n, _)| n == name).ok_or_else(|| {
+    take_optional(arrays, name).ok_or_else(|| {
         Error::invalid_model(format!(
             "`{shown}` has no array `{name}`; save images as `x` (N, C, H, W) float32 and labels as `y` (N,) int64"
         ))
-    })?;
-    Ok(arrays.swap_remove(position).1)
+    })
+}
+
+fn take_optional(arrays: &mut Vec<(String, Tensor)>, name: &str) -> Option<Tensor> {
+    let position = arrays.iter().position(|(n, _)| n == name)?;
+    Some(arrays.swap_remove(position).1)
+}
+
+/// The `id` array: one int64 per row, the ids 0..M each shown by some row, each with one label.
+fn sample_ids(ids: Tensor, labels: &[i64], shown: &str) -> Result<Samples> {
+    let count = labels.len();
+    if ids.datum_type() != i64::datum_type() || ids.shape() != [count] {
+        return Err(Error::invalid_model(format!(
+            "`{shown}`: array `id` is {:?} of shape {:?}; save one sample id per image as int64, shape ({count},)",
+            ids.datum_type(),
+            ids.shape()
+        )));
+    }
+    let ids: Vec<i64> = ids
+        .to_plain_array_view::<i64>()
+        .map_err(|e| Error::invalid_model(format!("`{shown}`: array `id`: {e}")))?
+        .iter()
+        .copied()
+        .collect();
+    if let Some((row, bad)) = ids.iter().enumerate().find(|(_, &id)| id < 0) {
+        return Err(Error::invalid_model(format!(
+            "`{shown}`: id[{row}] = {bad} is negative; number the samples 0, 1, 2, ..."
+        )));
+    }
+    let ids: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
+    let mut sample_labels: Vec<Option<i64>> = vec![None; ids.iter().max().map_or(0, |m| m + 1)];
+    for (row, (&id, &label)) in ids.iter().zip(labels).enumerate() {
+        match sample_labels[id] {
+            Some(first) if first != label => {
+                return Err(Error::invalid_model(format!(
+                    "`{shown}`: id[{row}] = {id} is labelled {label}, but an earlier row of sample {id} is labelled {first}; one sample id, one label"
+                )));
+            }
+            _ => sample_labels[id] = Some(label),
+        }
+    }
+    let labels = sample_labels
+        .iter()
+        .enumerate()
+        .map(|(id, label)| {
+            label.ok_or_else(|| {
+                Error::invalid_model(format!(
+                    "`{shown}`: no row has id {id}, but ids go up to {}; number the samples 0..M without gaps",
+                    sample_labels.len() - 1
+                ))
+            })
+        })
+        .collect::<Result<Vec<i64>>>()?;
+    Ok(Samples {
+        ids: Some(ids),
+        labels,
+    })
 }
 
 fn float_images(x: Tensor, image_dims: &[usize], shown: &str) -> Result<ArrayD<f32>> {

@@ -102,7 +102,7 @@ pub fn train(options: &TrainOptions) -> Result<Outcome> {
     check_outputs(options, &stages)?;
     let data = DataSet::load(&options.data, &expected)?;
     for crd in crds.iter().flatten() {
-        crd.check_data(data.labels(), &options.data.display().to_string())?;
+        crd.check_data(data.sample_labels(), &options.data.display().to_string())?;
     }
     let val = match &options.val {
         Some(path) => Some(DataSet::load(
@@ -459,11 +459,12 @@ impl Trainer<'_> {
         for step in done + 1..=steps {
             let indices = batches.indices(step);
             let (images, labels) = self.data.batch(&indices);
+            let samples: Vec<usize> = indices.iter().map(|&i| self.data.sample_id(i)).collect();
             let batch = Batch {
                 images,
                 labels,
-                index: tensor1(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>()),
-                contrast: crd.map(|c| c.contrast_index(self.data.labels(), &indices, step)),
+                index: tensor1(&samples.iter().map(|&i| i as i64).collect::<Vec<_>>()),
+                contrast: crd.map(|c| c.contrast_index(self.data.sample_labels(), &samples, step)),
             };
             let lr = schedule.rate(step);
             let (terms, next) = session.step(batch, values, lr, step)?;

@@ -52,11 +52,11 @@ def joint(merge):
     return merge(teacher, student, ["kd"], "--emit", "step")
 
 
-def save_data(path, count=SAMPLES, seed=0, x_dtype=np.float32, y_dtype=np.int64, size=32, labels=None):
+def save_data(path, count=SAMPLES, seed=0, x_dtype=np.float32, y_dtype=np.int64, size=32, labels=None, ids=None):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((count, 3, size, size)).astype(x_dtype)
     y = rng.integers(0, CLASSES, count).astype(y_dtype) if labels is None else np.asarray(labels, y_dtype)
-    np.savez(path, x=x, y=y)
+    np.savez(path, x=x, y=y, **({} if ids is None else {"id": np.asarray(ids)}))
     return path
 
 
@@ -264,12 +264,21 @@ def bad_data(folder, case):
     if case == "no labels":
         np.savez(path, x=np.zeros((SAMPLES, 3, 32, 32), np.float32))
         return path, "has no array `y`"
+    if case == "int32 ids":
+        return save_data(path, ids=np.arange(SAMPLES, dtype=np.int32)), "array `id` is I32 of shape [16]"
+    if case == "negative id":
+        return save_data(path, ids=[0, -2] + list(range(2, SAMPLES))), "id[1] = -2 is negative"
+    if case == "ids with a gap":
+        return save_data(path, labels=[3] * SAMPLES, ids=[0, 2] * (SAMPLES // 2)), "no row has id 1, but ids go up to 2"
+    if case == "one id, two labels":
+        return (save_data(path, labels=[0, 1] * (SAMPLES // 2), ids=[0] * SAMPLES),
+                "id[1] = 0 is labelled 1, but an earlier row of sample 0 is labelled 0")
     raise ValueError(case)
 
 
 @pytest.mark.parametrize("case", ["missing file", "wrong image size", "float64 images", "int32 labels",
                                   "label out of range", "negative label", "empty", "batch larger than the data",
-                                  "no labels"])
+                                  "no labels", "int32 ids", "negative id", "ids with a gap", "one id, two labels"])
 def test_bad_data_is_refused_on_one_line(kdgraph_bin, joint, tmp_path, case):
     path, expected = bad_data(tmp_path, case)
     out = tmp_path / "out"
@@ -344,6 +353,30 @@ def test_crd_carries_its_memories_and_resumes_exactly(kdgraph_bin, crd_joint, da
     train(kdgraph_bin, crd_joint, data, resumed, "--steps", "5")
     train(kdgraph_bin, crd_joint, data, resumed, "--steps", "8", "--resume", str(resumed / "student.ckpt.npz"))
     assert_same_training(straight_run, resumed)
+
+
+def test_crd_indexes_its_memories_by_sample_id(kdgraph_bin, crd_joint, data, tmp_path):
+    """A file of two views of each sample (rows 16..31 repeat rows 0..15, `id` = row mod 16) is the
+    data set of 16 samples CRD was merged for: one pass over its 32 rows in file order trains as two
+    epochs of the 16-row file do, losses and memories alike. Without `id`, its 32 rows are refused."""
+    plain = np.load(data)
+    views = tmp_path / "views.npz"
+    np.savez(views, x=np.concatenate([plain["x"]] * 2), y=np.concatenate([plain["y"]] * 2),
+             id=np.concatenate([np.arange(SAMPLES)] * 2))
+    steps = str(2 * SAMPLES // BATCH)
+    train(kdgraph_bin, crd_joint, data, tmp_path / "rows", "--steps", steps, "--no-shuffle")
+    train(kdgraph_bin, crd_joint, views, tmp_path / "views", "--steps", steps, "--no-shuffle")
+    rows, viewed = (checkpoint(tmp_path / run / "student.ckpt.npz") for run in ("rows", "views"))
+    trained = [name for name in rows if not name.startswith("kdgraph:")]  # not the progress (epochs, samples)
+    assert "kd/crd/memory_student" in trained and sorted(trained) == sorted(n for n in viewed if not n.startswith("kdgraph:"))
+    for name in trained:
+        assert relative_error(viewed[name], rows[name]) <= RESUME_RTOL, name
+    losses = [[line["loss"] for line in read_log(tmp_path / run / "log.jsonl")] for run in ("rows", "views")]
+    assert losses[0] == pytest.approx(losses[1], rel=RESUME_RTOL)
+    unnamed = tmp_path / "unnamed.npz"
+    np.savez(unnamed, x=np.concatenate([plain["x"]] * 2), y=np.concatenate([plain["y"]] * 2))
+    result = train(kdgraph_bin, crd_joint, unnamed, tmp_path / "refused", "--steps", "2", check=False)
+    assert result.returncode == 1 and f"holds {2 * SAMPLES} samples, but CRD's memory banks hold {SAMPLES}" in result.stderr
 
 
 @pytest.mark.parametrize("count,labels,expected", [

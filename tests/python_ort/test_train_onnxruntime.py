@@ -127,10 +127,23 @@ def example_module():
     return module
 
 
-def test_example_feeds_crd_what_kdgraph_train_feeds(kdgraph_bin, data, tmp_path):
+def views_of(data, path):
+    """Two views of each sample of `data` in a shuffled order, each row's sample in `id`."""
+    with np.load(data) as plain:
+        order = np.random.default_rng(1).permutation(2 * SAMPLES)
+        np.savez(path, x=np.concatenate([plain["x"]] * 2)[order], y=np.concatenate([plain["y"]] * 2)[order],
+                 id=np.concatenate([np.arange(SAMPLES)] * 2)[order])
+    return path
+
+
+@pytest.mark.parametrize("layout", ["rows", "views"])
+def test_example_feeds_crd_what_kdgraph_train_feeds(kdgraph_bin, data, tmp_path, layout):
     """Two epochs of CRD (K = 5 negatives) in both trainers: the same losses at every step, and the
     same memory banks and Z at the end, which follow from the memories' first values, the sample
-    indices and the contrast indices only if the two draw them alike."""
+    indices and the contrast indices only if the two draw them alike; "views": a file of two views
+    of each sample, whose `id` array names the memory row of each."""
+    if layout == "views":
+        data = views_of(data, tmp_path / "views.npz")
     crd = merge(kdgraph_bin, tmp_path / "crd.onnx", "-m", "crd", "--crd-n-data", str(SAMPLES), "--crd-negatives", "5")
     runs = {}
     for name, trainer in (("tract", [str(kdgraph_bin), "train"]), ("onnxruntime", [sys.executable, str(EXAMPLE)])):
