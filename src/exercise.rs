@@ -66,7 +66,13 @@ pub fn exercise(bytes: &[u8]) -> Vec<String> {
             }
         };
         for stage in [TrainingStage::Init, TrainingStage::Main] {
-            if let Err(e) = joint::assemble(&prepared, &prepared, &plan, stage, &files) {
+            if let Err(e) = joint::assemble(
+                joint::Source::Borrowed(&prepared),
+                joint::Source::Borrowed(&prepared),
+                &plan,
+                stage,
+                &files,
+            ) {
                 errors.push(e.to_string());
             }
         }

@@ -40,20 +40,51 @@ struct Parameters {
     frozen: Vec<String>,
 }
 
+/// A prepared model as one stage takes it: lent (the stage copies its graph) or given (the
+/// stage takes its graph: the last stage, so that the weights are not copied).
+pub enum Source<'a> {
+    Borrowed(&'a PreparedModel),
+    Owned(PreparedModel),
+}
+
+impl Source<'_> {
+    /// The model's graph, its file name for messages, and its rewritten running statistics.
+    fn into_parts(self) -> (pb::GraphProto, String, Vec<String>) {
+        match self {
+            Source::Borrowed(model) => (
+                model.loaded.graph().clone(),
+                model.loaded.display(),
+                model.running_statistics.clone(),
+            ),
+            Source::Owned(mut model) => {
+                let shown = model.loaded.display();
+                let graph = model
+                    .loaded
+                    .proto
+                    .graph
+                    .take()
+                    .expect("load_model guarantees a graph");
+                (graph, shown, model.running_statistics)
+            }
+        }
+    }
+}
+
 /// Builds the graph of one training stage of `plan` from the two prepared models. `files` names
 /// the stage graphs as written, for the sidecar.
 pub fn assemble(
-    teacher: &PreparedModel,
-    student: &PreparedModel,
+    teacher: Source,
+    student: Source,
     plan: &Plan,
     stage: TrainingStage,
     files: &StageFiles,
 ) -> Result<Joint> {
-    let (t_shown, s_shown) = (teacher.loaded.display(), student.loaded.display());
+    let (t_graph, t_shown, _) = teacher.into_parts();
+    let (s_graph, s_shown, running_statistics) = student.into_parts();
     let opset = plan.teacher.opset.max(plan.student.opset);
     let ir_version = plan.teacher.ir_version.max(plan.student.ir_version).max(8);
-    let s_graph = prepare_student(student, plan, opset);
-    let t_graph = prepare_teacher(teacher, plan, opset)?;
+    let s_graph = prepare_student(s_graph, plan, opset);
+    let t_graph = prepare_teacher(t_graph, &t_shown, plan, opset)?;
     let mut b = builder_for(&s_graph, &t_graph, opset, &s_shown)?;
     let batch = plan.student.inputs[0]
         .shape
@@ -63,7 +94,7 @@ pub fn assemble(
     let (terms, state) = loss_terms(&mut b, plan, stage, &batch)?;
     add_total(&mut b, &terms, stage);
     let (inputs, outputs) = roles(plan, stage, &s_graph, &terms, state, batch);
-    let parameters = parameters(&s_graph, student, &b);
+    let parameters = parameters(&s_graph, &running_statistics, &b);
 
     let mut graph = pb::GraphProto {
         name: format!("kdgraph_{}", stage.name()),
@@ -120,8 +151,7 @@ pub fn assemble(
 }
 
 /// The student as exported, with the rewrites ORT Training needs and the joint graph's opset.
-fn prepare_student(student: &PreparedModel, plan: &Plan, opset: i64) -> pb::GraphProto {
-    let mut graph = student.loaded.graph().clone();
+fn prepare_student(mut graph: pb::GraphProto, plan: &Plan, opset: i64) -> pb::GraphProto {
     normalize::global_average_pool(&mut graph, |t| {
         match plan.student.shapes.get(t).map(Vec::as_slice) {
             Some([_, _, h, w]) => Some((fixed(h)?, fixed(w)?)),
@@ -136,9 +166,12 @@ fn prepare_student(student: &PreparedModel, plan: &Plan, opset: i64) -> pb::Grap
 
 /// The teacher: only what the taps need, BN folded (eval mode) unless asked otherwise, names
 /// under `teacher/`, reading the student's inputs.
-fn prepare_teacher(teacher: &PreparedModel, plan: &Plan, opset: i64) -> Result<pb::GraphProto> {
-    let shown = teacher.loaded.display();
-    let mut graph = teacher.loaded.graph().clone();
+fn prepare_teacher(
+    mut graph: pb::GraphProto,
+    shown: &str,
+    plan: &Plan,
+    opset: i64,
+) -> Result<pb::GraphProto> {
     if plan.teacher.opset < 18 && opset >= 18 {
         edit::upgrade_reduce_axes(&mut graph);
     }
@@ -148,9 +181,9 @@ fn prepare_teacher(teacher: &PreparedModel, plan: &Plan, opset: i64) -> Result<p
         .map(|p| p.teacher.tensor.clone())
         .collect();
     edit::prune_to(&mut graph, &needed);
-    normalize::inference_dropout(&mut graph, &shown)?;
+    normalize::inference_dropout(&mut graph, shown)?;
     if !plan.hyper.teacher_batch_statistics {
-        edit::fold_batchnorm(&mut graph, &needed, &shown)?;
+        edit::fold_batchnorm(&mut graph, &needed, shown)?;
     }
     let input_map: HashMap<String, String> = plan
         .teacher
@@ -323,13 +356,17 @@ fn roles(
 
 /// Student weights and connector parameters train; BN running statistics and frozen
 /// connectors do not.
-fn parameters(s_graph: &pb::GraphProto, student: &PreparedModel, b: &GraphBuilder) -> Parameters {
+fn parameters(
+    s_graph: &pb::GraphProto,
+    running_statistics: &[String],
+    b: &GraphBuilder,
+) -> Parameters {
     let student_statistics: HashSet<String> = s_graph
         .node
         .iter()
         .filter(|n| n.op_type == "BatchNormalization")
         .flat_map(|n| n.input.iter().skip(3).take(2).cloned())
-        .chain(student.running_statistics.iter().cloned())
+        .chain(running_statistics.iter().cloned())
         .collect();
     let mut trainable = parameters::trainable_weights(s_graph, &student_statistics);
     trainable.extend(

@@ -161,8 +161,8 @@ pub fn plan_merge(teacher: &Path, student: &Path, options: &PlanOptions) -> Resu
 
 /// Writes the plan's Graphviz picture to `path` (atomically): DOT text, or rendered by Graphviz
 /// for a `.svg`, `.png` or `.pdf` file.
-pub fn write_dot(merge: &Merge, path: &Path) -> Result<()> {
-    let dot = report::plan_dot(&merge.plan);
+pub fn write_dot(plan: &Plan, path: &Path) -> Result<()> {
+    let dot = report::plan_dot(plan);
     let bytes = match report::graphviz_format(path) {
         Some(format) => report::render_graphviz(&dot, format, path)?,
         None => dot.into_bytes(),
@@ -182,14 +182,18 @@ pub struct WrittenStage {
 
 /// Writes the joint graph and its sidecar `<output>.json`, plus `<output>.init.onnx` and its
 /// sidecar when a method has an init stage: all files together (atomically), after tract has run
-/// every graph (unless `check_batch` is None). Stages are returned init first.
+/// every graph (unless `check_batch` is None). Stages are returned init first. The models are
+/// consumed: the last stage takes their graphs instead of copying them (the weights are most of
+/// a merge's memory and much of its time).
 pub fn write_joint(
-    merge: &Merge,
+    teacher: PreparedModel,
+    student: PreparedModel,
+    plan: &Plan,
     output: &Path,
     check_batch: Option<usize>,
     emit: &Emit,
 ) -> Result<Vec<WrittenStage>> {
-    let stages = stage_paths(merge, output)?;
+    let stages = stage_paths(plan, output)?;
     let file_name = |path: &Path| {
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -200,14 +204,23 @@ pub fn write_joint(
         init: stages
             .iter()
             .find(|(s, _)| *s == TrainingStage::Init)
-            .map(|(_, p)| (file_name(p), init_epochs(&merge.plan))),
+            .map(|(_, p)| (file_name(p), init_epochs(plan))),
     };
     let mut models = Vec::new();
     let mut sidecars = Vec::new();
     let mut written = Vec::new();
-    for (stage, path) in stages {
-        let mut joint =
-            joint::assemble(&merge.teacher, &merge.student, &merge.plan, stage, &files)?;
+    let input_paths = [teacher.loaded.path.clone(), student.loaded.path.clone()];
+    let mut models_left = Some((teacher, student));
+    let last = stages.len() - 1;
+    for (index, (stage, path)) in stages.into_iter().enumerate() {
+        let sources = if index == last {
+            let (teacher, student) = models_left.take().expect("the last stage takes the models once");
+            (joint::Source::Owned(teacher), joint::Source::Owned(student))
+        } else {
+            let (teacher, student) = models_left.as_ref().expect("taken by the last stage only");
+            (joint::Source::Borrowed(teacher), joint::Source::Borrowed(student))
+        };
+        let mut joint = joint::assemble(sources.0, sources.1, plan, stage, &files)?;
         let terms = match check_batch {
             Some(batch) => Some(check::run_losses(
                 &joint.model,
@@ -291,10 +304,7 @@ pub fn write_joint(
             terms,
         });
     }
-    let inputs = [
-        merge.teacher.loaded.path.as_path(),
-        merge.student.loaded.path.as_path(),
-    ];
+    let inputs = [input_paths[0].as_path(), input_paths[1].as_path()];
     let mut write = onnx::io::AtomicWrite::new();
     // Graphs first, sidecars last: an interruption between renames leaves a sidecar whose
     // model_hash does not match its graph, which `check` and the training example refuse.
@@ -338,7 +348,7 @@ fn init_epochs(plan: &Plan) -> u32 {
 }
 
 /// The graph file of each stage, init first; checked before any work so that a bad -o fails early.
-fn stage_paths(merge: &Merge, output: &Path) -> Result<Vec<(TrainingStage, PathBuf)>> {
+fn stage_paths(plan: &Plan, output: &Path) -> Result<Vec<(TrainingStage, PathBuf)>> {
     if output.extension().is_some_and(|e| e == "json") {
         return Err(Error::usage(format!(
             "-o `{}`: the sidecar is written beside the graph as .json; name the graph .onnx",
@@ -346,8 +356,7 @@ fn stage_paths(merge: &Merge, output: &Path) -> Result<Vec<(TrainingStage, PathB
         )));
     }
     let mut stages = vec![(TrainingStage::Main, output.to_path_buf())];
-    if merge
-        .plan
+    if plan
         .methods
         .iter()
         .any(|m| m.spec().init_stage.is_some())

@@ -194,8 +194,9 @@ struct MergeArgs {
     /// Do not run the written graph with tract before writing it.
     #[arg(long)]
     no_check: bool,
-    /// Batch size of the tract check.
-    #[arg(long, default_value_t = 4)]
+    /// Batch size of the tract check: 2, the least at which the batch-relational methods (RKD, SP,
+    /// CC, PKT, CRD) compute a relation; the check's cost grows with it.
+    #[arg(long, default_value_t = 2)]
     check_batch: usize,
     /// Run the teacher's BatchNorms on batch statistics (as the OFD reference) instead of folding them;
     /// ONNX Runtime Training then updates their running statistics.
@@ -502,7 +503,7 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
     let merge = kdgraph::plan_merge(&args.teacher, &args.student, &options)?;
     if args.dry_run {
         if let Some(dot) = &args.dot {
-            kdgraph::write_dot(&merge, dot)?;
+            kdgraph::write_dot(&merge.plan, dot)?;
         }
         print!(
             "{}",
@@ -518,9 +519,14 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
         print!("{}", report::plan_text(&merge.plan));
     }
     let check = (!args.no_check).then_some(args.check_batch);
-    let written = kdgraph::write_joint(&merge, &args.output, check, &emit)?;
+    let kdgraph::Merge {
+        teacher,
+        student,
+        plan,
+    } = merge;
+    let written = kdgraph::write_joint(teacher, student, &plan, &args.output, check, &emit)?;
     if let Some(dot) = &args.dot {
-        kdgraph::write_dot(&merge, dot)?;
+        kdgraph::write_dot(&plan, dot)?;
     }
     let sidecar = kdgraph::sidecar_path(&args.output);
     if args.json {
@@ -532,7 +538,7 @@ fn merge(args: MergeArgs, method_options: Vec<(String, OptionValue)>) -> Result<
             })
             .collect();
         let summary = serde_json::json!({
-            "plan": merge.plan, "output": args.output, "sidecar": sidecar,
+            "plan": plan, "output": args.output, "sidecar": sidecar,
             "written": written_files(&written, &emit, args.dot.as_deref()),
             "check_batch": check, "check": runs,
         });

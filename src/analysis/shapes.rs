@@ -8,7 +8,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::{Error, Result};
-use crate::onnx::pb;
+use crate::onnx::{pb, proto};
 
 /// One dimension: a number, or a symbol such as the batch size `N`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -82,6 +82,7 @@ pub fn infer_facts(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String
 }
 
 fn tract_facts(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, TensorFacts>> {
+    let model = &weights_as_inputs(model);
     let stand_in = crate::onnx::normalize::for_tract(model);
     let model = stand_in.as_ref().unwrap_or(model);
     let onnx = tract_onnx::onnx();
@@ -115,6 +116,63 @@ fn tract_facts(model: &pb::ModelProto, shown: &str) -> Result<HashMap<String, Te
         );
     }
     Ok(facts)
+}
+
+/// Floating-point initializers larger than this are weights to shape inference: their values
+/// decide no shape (a Resize's scales, a Range's bounds are scalars or a few numbers).
+const WEIGHT_ELEMENTS: i64 = 64;
+
+/// The model as shape inference needs it: every floating-point initializer of more than
+/// [`WEIGHT_ELEMENTS`] elements becomes a graph input of its type and shape, so that tract does
+/// not copy the weights' bytes (most of a model) into tensors of its own. The other fields are
+/// copied; the weights' bytes are not.
+fn weights_as_inputs(model: &pb::ModelProto) -> pb::ModelProto {
+    use pb::tensor_proto::DataType as T;
+    let Some(graph) = model.graph.as_ref() else {
+        return model.clone();
+    };
+    let weight_type = |t: &pb::TensorProto| {
+        let float = [T::Float, T::Double, T::Float16, T::Bfloat16]
+            .into_iter()
+            .find(|&d| t.data_type == d as i32);
+        float.filter(|_| t.dims.iter().product::<i64>() > WEIGHT_ELEMENTS)
+    };
+    let listed: std::collections::HashSet<&str> =
+        graph.input.iter().map(|i| i.name.as_str()).collect();
+    let mut input = graph.input.clone();
+    let mut initializer = Vec::new();
+    for tensor in &graph.initializer {
+        match weight_type(tensor) {
+            None => initializer.push(tensor.clone()),
+            Some(elem_type) if !listed.contains(tensor.name.as_str()) => input.push(
+                proto::tensor_info(&tensor.name, elem_type, proto::fixed_dims(&tensor.dims)),
+            ),
+            Some(_) => {}
+        }
+    }
+    pb::ModelProto {
+        ir_version: model.ir_version,
+        opset_import: model.opset_import.clone(),
+        producer_name: model.producer_name.clone(),
+        producer_version: model.producer_version.clone(),
+        domain: model.domain.clone(),
+        model_version: model.model_version,
+        doc_string: String::new(),
+        graph: Some(pb::GraphProto {
+            node: graph.node.clone(),
+            name: graph.name.clone(),
+            initializer,
+            sparse_initializer: graph.sparse_initializer.clone(),
+            doc_string: String::new(),
+            input,
+            output: graph.output.clone(),
+            value_info: graph.value_info.clone(),
+            quantization_annotation: graph.quantization_annotation.clone(),
+        }),
+        metadata_props: model.metadata_props.clone(),
+        training_info: Vec::new(),
+        functions: model.functions.clone(),
+    }
 }
 
 /// The values of an integer tensor of at most 64 elements; a tensor of dimensions (`Shape` of a
@@ -163,4 +221,69 @@ fn root_cause(e: &TractError) -> String {
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder::float_tensor;
+    use pb::tensor_proto::DataType;
+
+    /// x [N, 3, 8, 8] -> Conv (weight [4, 3, 3, 3], bias [4]) -> Reshape to [-1, 4 * 36].
+    fn conv_then_reshape() -> pb::ModelProto {
+        let node = |op: &str, inputs: &[&str], output: &str| pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|i| i.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        };
+        let shape = pb::TensorProto {
+            name: "shape".into(),
+            dims: vec![2],
+            data_type: DataType::Int64 as i32,
+            int64_data: vec![-1, 144],
+            ..Default::default()
+        };
+        let dims = [pb::tensor_shape_proto::dimension::Value::DimParam("N".into())]
+            .into_iter()
+            .chain(proto::fixed_dims(&[3, 8, 8]));
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(pb::GraphProto {
+                node: vec![
+                    node("Conv", &["x", "w", "b"], "y"),
+                    node("Reshape", &["y", "shape"], "z"),
+                ],
+                initializer: vec![
+                    float_tensor("w", &[4, 3, 3, 3], &[0.5; 108]),
+                    float_tensor("b", &[4], &[0.0; 4]),
+                    shape,
+                ],
+                input: vec![proto::tensor_info("x", DataType::Float, dims)],
+                output: vec![proto::tensor_info("z", DataType::Float, [])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn weights_become_inputs_and_shapes_stay() {
+        let model = conv_then_reshape();
+        let stand_in = weights_as_inputs(&model);
+        let graph = stand_in.graph.as_ref().unwrap();
+        let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs: Vec<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(initializers, ["b", "shape"], "the bias (4 values) and the int64 shape stay");
+        assert_eq!(inputs, ["x", "w"]);
+        let shapes = infer_shapes(&model, "conv.onnx").unwrap();
+        let n = || Dim::Symbol("N".into());
+        assert_eq!(shapes["y"], vec![n(), Dim::Fixed(4), Dim::Fixed(6), Dim::Fixed(6)]);
+        assert_eq!(shapes["z"], vec![n(), Dim::Fixed(144)]);
+        assert_eq!(shapes["w"], [4, 3, 3, 3].map(Dim::Fixed).to_vec());
+    }
 }
