@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
-from bench import CACHE, export  # noqa: E402
+from bench import CACHE, model_pair  # noqa: E402
 from timing import Worker, rounds, seconds  # noqa: E402
 import train_ort  # noqa: E402
 
@@ -61,12 +60,6 @@ for line in sys.stdin:
     t = time.perf_counter(); s.run(None, f)
     print(time.perf_counter() - t, flush=True)
 """
-
-
-def model_pair(size):
-    """The cached exports (teacher, student) at size x size: resnet50 in eval mode, resnet18 in training mode."""
-    return (export("resnet50", False, CACHE / f"resnet50_eval_{size}.onnx", size),
-            export("resnet18", True, CACHE / f"resnet18_train_{size}.onnx", size))
 
 
 def save_result(name, result):
