@@ -1,9 +1,8 @@
 """Benchmark of ORT Training's step for every method (issue 14): each stage graph that `kdgraph
-merge` writes, against the floor of the student's own step plus the teacher's forward pass, and
-ORT's own per-operator profile of a method's step against KD's.
+merge` writes, against the floor of the student's own step plus the teacher's forward pass.
 
 Run: .venv/bin/python bench/ort_step.py [--methods kd,at,...] [--batch 32] [--size 224]
-         [--repeats 3] [--profile at]
+         [--repeats 3]
 Needs .venv (torch, ORT Training) and a kdgraph build ($KDGRAPH_BIN, else target/debug/kdgraph;
 merge time is not measured here). Models as bench/gradients.py: torchvision resnet50 (eval
 export, BN folded) -> resnet18 (training-mode export), random weights, cached in bench/.cache.
@@ -21,19 +20,12 @@ The floor, measured in the same way as the methods:
 Each method's stage is timed as a median over --repeats steps after a warm-up step; the floor is
 measured before and after the methods, and each ratio uses the mean of the two (the machine's
 drift shows as their difference).
-
-The profile (--profile M): ORT's profiler (SessionOptions.enable_profiling) over two steps of
-M's main stage and of KD's; per-operator kernel time summed by group (the teacher's nodes, the
-student's, kdgraph's loss nodes, and the backward graph ORT built) and by operator type.
 """
 
 import argparse
-import gc
-import json
 import subprocess
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +46,7 @@ METHODS = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "f
 # Methods whose loss is not a sum over samples: the issue allows them 1.2x the floor, the others 1.05x.
 BATCH_RELATIONAL = ("crd", "rkd", "sp", "pkt", "cc")
 CRD_NEGATIVES = 4096  # RepDistiller's 16384 at a quarter: its memory gathers scale with it
+CRD_N_DATA = 50000  # CIFAR's training set, RepDistiller's memory size
 
 
 def median_step(run, repeats):
@@ -93,9 +86,11 @@ def student_only(student, workdir):
 
 def merge(method, teacher, student, out, extra=()):
     """kdgraph merge -m method (no tract check): the main stage's sidecar."""
+    out.mkdir(parents=True, exist_ok=True)
     joint = out / f"{method}.onnx"
+    crd = ["--crd-n-data", str(CRD_N_DATA), "--crd-negatives", str(CRD_NEGATIVES)] if method == "crd" else []
     subprocess.run([str(kdgraph_bin()), "merge", str(teacher), str(student), "-m", method, "-o", str(joint), "--no-check",
-                    *extra], check=True, capture_output=True)
+                    *crd, *extra], check=True, capture_output=True)
     return joint.with_suffix(".json")
 
 
@@ -143,74 +138,12 @@ def floor(teacher, student, workdir, x, y, repeats):
     return result
 
 
-def profile(sidecar_path, workdir, x, y):
-    """{(group, op type): microseconds} of two profiled steps of a stage graph (after a warm-up step)."""
-    made = train_ort.session_options
-
-    def profiling():
-        options = made()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(workdir / "profile")
-        return options
-
-    train_ort.session_options = profiling
-    try:
-        sidecar = train_ort.read_sidecar(sidecar_path)
-        stage = train_ort.Stage(sidecar, workdir)
-        feeds = feeds_for(stage, sidecar, x, y)
-        for _ in range(3):
-            stage.step(feeds)
-        del stage
-        gc.collect()
-    finally:
-        train_ort.session_options = made
-    totals = defaultdict(float)
-    for path in workdir.glob("profile*.json"):
-        events = json.loads(path.read_text())
-        warm = sorted({e["ts"] for e in events if e.get("name") == "model_run"})
-        start = warm[1] if len(warm) > 2 else 0  # skip the warm-up run
-        for event in events:
-            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= start:
-                node = event["name"][: -len("_kernel_time")]
-                totals[group(node), event["args"].get("op_name", "?")] += event["dur"] / 2  # per step
-    return dict(totals)
-
-
-def group(node):
-    """Which part of the step a node belongs to, by its name."""
-    if "Grad" in node or "grad" in node or node.startswith("Gradient"):
-        return "backward"
-    if node.startswith("teacher/"):
-        return "teacher"
-    if node.startswith("kd/") or node.startswith("loss"):
-        return "loss"
-    return "student"
-
-
-def profile_table(method, theirs, kd):
-    """Markdown: per group and per operator type, `method`'s kernel time per step against KD's."""
-    lines = [f"| group | operator | {method} ms | kd ms | difference ms |", "|---|---|---|---|---|"]
-    keys = set(theirs) | set(kd)
-    by_group = defaultdict(lambda: [0.0, 0.0])
-    for g, op in keys:
-        by_group[g][0] += theirs.get((g, op), 0.0)
-        by_group[g][1] += kd.get((g, op), 0.0)
-    for g, (a, b) in sorted(by_group.items(), key=lambda kv: kv[1][1] - kv[1][0]):
-        lines.append(f"| {g} | (all) | {a / 1e3:.0f} | {b / 1e3:.0f} | {(a - b) / 1e3:+.0f} |")
-    largest = sorted(keys, key=lambda k: -abs(theirs.get(k, 0.0) - kd.get(k, 0.0)))[:12]
-    for g, op in largest:
-        a, b = theirs.get((g, op), 0.0), kd.get((g, op), 0.0)
-        lines.append(f"| {g} | {op} | {a / 1e3:.0f} | {b / 1e3:.0f} | {(a - b) / 1e3:+.0f} |")
-    return "\n".join(lines)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--profile", default="at", help="methods whose main stage is profiled against KD's ('' for none)")
     args = parser.parse_args()
     teacher, student = model_pair(args.size)
     rng = np.random.default_rng(0)
@@ -227,21 +160,13 @@ def main():
                 steps[name] = stage_step(sidecar, work / method / stage, x, y, args.repeats)
                 print(f"{name}: {steps[name]:.2f} s", flush=True)
         after = floor(teacher, student, work / "floor_after", x, y, args.repeats)
-        profiles = {}
-        for method in filter(None, args.profile.split(",")):
-            for name in (method, "kd"):
-                if name not in profiles:
-                    (work / f"profile_{name}").mkdir()
-                    profiles[name] = profile(merge(name, teacher, student, work / f"profile_{name}"),
-                                             work / f"profile_{name}", x, y)
     floor_s = {k: (before[k] + after[k]) / 2 for k in before}
     total_floor = floor_s["student"] + floor_s["teacher"]
     rows = {name: {"seconds": s, "ratio": s / total_floor,
                    "goal": 1.2 if name.split(" ")[0] in BATCH_RELATIONAL else 1.05} for name, s in steps.items()}
     result = {"versions": {"onnxruntime": onnxruntime.__version__, "kdgraph": str(kdgraph_bin())},
               "batch": args.batch, "size": args.size, "repeats": args.repeats, "floor_before": before,
-              "floor_after": after, "floor": floor_s, "floor_total": total_floor, "steps": rows,
-              "profiles": {m: {f"{g}/{op}": us for (g, op), us in p.items()} for m, p in profiles.items()}}
+              "floor_after": after, "floor": floor_s, "floor_total": total_floor, "steps": rows}
     save_result("ort_step", result)
     print(f"floor: student {floor_s['student']:.2f} s + teacher {floor_s['teacher']:.2f} s = {total_floor:.2f} s "
           f"(before {before['student'] + before['teacher']:.2f}, after {after['student'] + after['teacher']:.2f}); "
@@ -249,9 +174,6 @@ def main():
     print("| stage graph | step | x floor | goal |\n|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['seconds']:.2f} s | {row['ratio']:.2f} | {row['goal']} |")
-    for method in profiles:
-        if method != "kd":
-            print(profile_table(method, profiles[method], profiles["kd"]))
 
 
 if __name__ == "__main__":
