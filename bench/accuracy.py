@@ -73,6 +73,7 @@ import numpy as np
 import onnxruntime
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -625,7 +626,6 @@ def agreement(a, b):
     the same weights and sees the same batches): the per-seed differences' mean, its standard error
     and the two-sided p-value of a paired t-test ("paired"), which a route that tracks PyTorch
     closely makes sharp: it tells a systematic difference from the spread between seeds."""
-    from scipy import stats
     diff = a["mean"] - b["mean"]
     bound = max(2.0 * math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]), 0.5)
     check = {"difference": diff, "bound": bound, "within_noise": abs(diff) <= bound}

@@ -12,6 +12,9 @@ bench/ort_step.py measures the ORT Training step of every method's graph.
 """
 
 import argparse
+import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -57,6 +60,15 @@ def model_pair(size, teacher="resnet50", student="resnet18"):
             export(student, True, CACHE / f"{student}_train_{size}.onnx", size))
 
 
+def save_result(name, result):
+    """bench/results/<name>.json: `result` after the command and the machine that measured it."""
+    document = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+                **result}
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
 def timed(cmd, repeats):
     """Wall time of the best of `repeats` runs and the peak RSS (MiB) of the command (GNU time)."""
     best = float("inf")
@@ -96,8 +108,6 @@ def main():
             result["pairs"][f"{teacher_name} -> {student_name}"] = pair
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    sys.path.insert(0, str(ROOT / "bench"))
-    from gradients import save_result
     save_result("merge", result)
     print("| pair | floor | merge --no-check (x floor) | peak (x floor's) | tract check |\n|---|---|---|---|---|")
     for name, pair in result["pairs"].items():

@@ -18,7 +18,6 @@ ratios, the times the medians of the rounds' times. Stock onnxruntime runs in a 
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
-from bench import CACHE, model_pair  # noqa: E402
+from bench import CACHE, model_pair, save_result  # noqa: E402
 from timing import Worker, rounds, seconds  # noqa: E402
 import train_ort  # noqa: E402
 
@@ -60,15 +59,6 @@ for line in sys.stdin:
     t = time.perf_counter(); s.run(None, f)
     print(time.perf_counter() - t, flush=True)
 """
-
-
-def save_result(name, result):
-    """bench/results/<name>.json: `result` after the command and the machine that measured it."""
-    document = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
-                **result}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
 def kdgraph_bin():

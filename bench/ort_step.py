@@ -37,8 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
-from bench import model_pair  # noqa: E402
-from gradients import kdgraph_bin, save_result  # noqa: E402
+from bench import model_pair, save_result  # noqa: E402
+from gradients import kdgraph_bin  # noqa: E402
 from timing import seconds  # noqa: E402
 import train_ort  # noqa: E402
 

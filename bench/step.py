@@ -34,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
-from bench import CACHE, model_pair  # noqa: E402
-from gradients import THREADS, pytorch_step, save_result  # noqa: E402
+from bench import CACHE, model_pair, save_result  # noqa: E402
+from gradients import THREADS, pytorch_step  # noqa: E402
 from timing import Worker, rounds, seconds  # noqa: E402
 import train_ort  # noqa: E402
 

@@ -214,11 +214,16 @@ pub fn write_joint(
     let last = stages.len() - 1;
     for (index, (stage, path)) in stages.into_iter().enumerate() {
         let sources = if index == last {
-            let (teacher, student) = models_left.take().expect("the last stage takes the models once");
+            let (teacher, student) = models_left
+                .take()
+                .expect("the last stage takes the models once");
             (joint::Source::Owned(teacher), joint::Source::Owned(student))
         } else {
             let (teacher, student) = models_left.as_ref().expect("taken by the last stage only");
-            (joint::Source::Borrowed(teacher), joint::Source::Borrowed(student))
+            (
+                joint::Source::Borrowed(teacher),
+                joint::Source::Borrowed(student),
+            )
         };
         let mut joint = joint::assemble(sources.0, sources.1, plan, stage, &files)?;
         let terms = match check_batch {
@@ -356,11 +361,7 @@ fn stage_paths(plan: &Plan, output: &Path) -> Result<Vec<(TrainingStage, PathBuf
         )));
     }
     let mut stages = vec![(TrainingStage::Main, output.to_path_buf())];
-    if plan
-        .methods
-        .iter()
-        .any(|m| m.spec().init_stage.is_some())
-    {
+    if plan.methods.iter().any(|m| m.spec().init_stage.is_some()) {
         stages.insert(0, (TrainingStage::Init, output.with_extension("init.onnx")));
     }
     Ok(stages)

@@ -244,9 +244,11 @@ mod tests {
             int64_data: vec![-1, 144],
             ..Default::default()
         };
-        let dims = [pb::tensor_shape_proto::dimension::Value::DimParam("N".into())]
-            .into_iter()
-            .chain(proto::fixed_dims(&[3, 8, 8]));
+        let dims = [pb::tensor_shape_proto::dimension::Value::DimParam(
+            "N".into(),
+        )]
+        .into_iter()
+        .chain(proto::fixed_dims(&[3, 8, 8]));
         pb::ModelProto {
             ir_version: 8,
             opset_import: vec![pb::OperatorSetIdProto {
@@ -278,11 +280,18 @@ mod tests {
         let graph = stand_in.graph.as_ref().unwrap();
         let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
         let inputs: Vec<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(initializers, ["b", "shape"], "the bias (4 values) and the int64 shape stay");
+        assert_eq!(
+            initializers,
+            ["b", "shape"],
+            "the bias (4 values) and the int64 shape stay"
+        );
         assert_eq!(inputs, ["x", "w"]);
         let shapes = infer_shapes(&model, "conv.onnx").unwrap();
         let n = || Dim::Symbol("N".into());
-        assert_eq!(shapes["y"], vec![n(), Dim::Fixed(4), Dim::Fixed(6), Dim::Fixed(6)]);
+        assert_eq!(
+            shapes["y"],
+            vec![n(), Dim::Fixed(4), Dim::Fixed(6), Dim::Fixed(6)]
+        );
         assert_eq!(shapes["z"], vec![n(), Dim::Fixed(144)]);
         assert_eq!(shapes["w"], [4, 3, 3, 3].map(Dim::Fixed).to_vec());
     }

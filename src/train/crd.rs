@@ -141,12 +141,13 @@ impl Crd {
     }
 
     /// The contrast indices of the batch of samples `indices` (sample ids, `labels` by id) at step
-    /// `step` (1 first), (B, K + 1): the sample, then K samples of other classes. Row `r` draws from the stream seeded with
-    /// `mix(mix((seed ^ CONTRAST_STREAM) + step) + r)`: each candidate's key is the stream's output
-    /// at its sample index (`mix(row + (n + 1) * GOLDEN)`, distinct for distinct samples), and the
-    /// K candidates of the smallest keys, smallest first, are the negatives. Where fewer than K
-    /// samples are of other classes, they are drawn with replacement (as RepDistiller does): the
-    /// j-th negative is candidate `key(j) % count` in sample order.
+    /// `step` (1 first), (B, K + 1): the sample, then K samples of other classes. Row `r` draws
+    /// from the stream seeded with `mix(mix((seed ^ CONTRAST_STREAM) + step) + r)`: each
+    /// candidate's key is the stream's output at its sample index (`mix(row + (n + 1) *
+    /// GOLDEN)`, distinct for distinct samples), and the K candidates of the smallest keys,
+    /// smallest first, are the negatives. Where fewer than K samples are of other classes, they
+    /// are drawn with replacement (as RepDistiller does): the j-th negative is candidate
+    /// `key(j) % count` in sample order.
     pub fn contrast_index(&self, labels: &[i64], indices: &[usize], step: u64) -> Tensor {
         let k = self.negatives;
         let stream = mix((self.seed ^ CONTRAST_STREAM).wrapping_add(step));

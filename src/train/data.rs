@@ -13,15 +13,15 @@ use crate::error::{Error, Result};
 pub struct DataSet {
     images: ArrayD<f32>,
     labels: Vec<i64>,
-    samples: Samples,
+    /// Where the file gives `id`: which sample each row shows (None: each row its own sample).
+    samples: Option<Samples>,
 }
 
-/// Which sample each row shows: by default its own; with an `id` array, the sample of that id
-/// (a file of augmented views holds one sample in several rows). CRD keeps one memory row per
-/// sample and draws its negatives among samples.
+/// The samples of a file with an `id` array (a file of augmented views holds one sample in
+/// several rows). CRD keeps one memory row per sample and draws its negatives among samples.
 struct Samples {
-    /// The sample id of each row (None: the row's own index).
-    ids: Option<Vec<usize>>,
+    /// The sample id of each row.
+    ids: Vec<usize>,
     /// The label of each sample, by id.
     labels: Vec<i64>,
 }
@@ -42,13 +42,9 @@ impl DataSet {
         let labels = take(&mut arrays, "y", &shown)?;
         let images = float_images(images, expected.image_dims, &shown)?;
         let labels = int_labels(labels, images.shape()[0], expected.classes, &shown)?;
-        let samples = match take_optional(&mut arrays, "id") {
-            Some(ids) => sample_ids(ids, &labels, &shown)?,
-            None => Samples {
-                ids: None,
-                labels: labels.clone(),
-            },
-        };
+        let samples = take_optional(&mut arrays, "id")
+            .map(|ids| sample_ids(ids, &labels, &shown))
+            .transpose()?;
         let count = labels.len();
         if count == 0 {
             return Err(Error::invalid_model(format!(
@@ -102,12 +98,12 @@ impl DataSet {
 
     /// The sample id of row `index` (the row itself unless the file gives `id`).
     pub fn sample_id(&self, index: usize) -> usize {
-        self.samples.ids.as_ref().map_or(index, |ids| ids[index])
+        self.samples.as_ref().map_or(index, |s| s.ids[index])
     }
 
-    /// The label of each sample, by sample id.
+    /// The label of each sample, by sample id (each row's label unless the file gives `id`).
     pub fn sample_labels(&self) -> &[i64] {
-        &self.samples.labels
+        self.samples.as_ref().map_or(&self.labels, |s| &s.labels)
     }
 }
 
@@ -134,12 +130,7 @@ fn sample_ids(ids: Tensor, labels: &[i64], shown: &str) -> Result<Samples> {
             ids.shape()
         )));
     }
-    let ids: Vec<i64> = ids
-        .to_plain_array_view::<i64>()
-        .map_err(|e| Error::invalid_model(format!("`{shown}`: array `id`: {e}")))?
-        .iter()
-        .copied()
-        .collect();
+    let ids = int64_values(&ids, "id", shown)?;
     if let Some((row, bad)) = ids.iter().enumerate().find(|(_, &id)| id < 0) {
         return Err(Error::invalid_model(format!(
             "`{shown}`: id[{row}] = {bad} is negative; number the samples 0, 1, 2, ..."
@@ -169,10 +160,7 @@ fn sample_ids(ids: Tensor, labels: &[i64], shown: &str) -> Result<Samples> {
             })
         })
         .collect::<Result<Vec<i64>>>()?;
-    Ok(Samples {
-        ids: Some(ids),
-        labels,
-    })
+    Ok(Samples { ids, labels })
 }
 
 fn float_images(x: Tensor, image_dims: &[usize], shown: &str) -> Result<ArrayD<f32>> {
@@ -197,6 +185,16 @@ fn float_images(x: Tensor, image_dims: &[usize], shown: &str) -> Result<ArrayD<f
         .map_err(|e| Error::invalid_model(format!("`{shown}`: array `x`: {e}")))
 }
 
+/// The values of an int64 array named `name` in the file.
+fn int64_values(array: &Tensor, name: &str, shown: &str) -> Result<Vec<i64>> {
+    Ok(array
+        .to_plain_array_view::<i64>()
+        .map_err(|e| Error::invalid_model(format!("`{shown}`: array `{name}`: {e}")))?
+        .iter()
+        .copied()
+        .collect())
+}
+
 fn int_labels(y: Tensor, count: usize, classes: i64, shown: &str) -> Result<Vec<i64>> {
     if y.datum_type() != i64::datum_type() {
         return Err(Error::invalid_model(format!(
@@ -210,12 +208,7 @@ fn int_labels(y: Tensor, count: usize, classes: i64, shown: &str) -> Result<Vec<
             y.shape()
         )));
     }
-    let labels: Vec<i64> = y
-        .to_plain_array_view::<i64>()
-        .map_err(|e| Error::invalid_model(format!("`{shown}`: array `y`: {e}")))?
-        .iter()
-        .copied()
-        .collect();
+    let labels = int64_values(&y, "y", shown)?;
     if let Some((i, bad)) = labels
         .iter()
         .enumerate()
