@@ -431,7 +431,7 @@ class Reference:
             return self.crd(taps[0], prefix, feeds)
         if method == "ofd":
             connectors = [get.convs(f"kd/ofd/{p['stage']}/connector/", 1, True)[0] for p in pairs]
-            bns = [self.teacher.get_submodule(p["teacher_module"]) for p in pairs]
+            bns = [bn_before_relu(self.teacher.get_submodule(p["teacher_module"])) for p in pairs]
             margins = [R.ofd_margin(bn.weight.detach(), bn.bias.detach()) for bn in bns]
             return R.ofd(taps, connectors, margins, reduction="batch", bn_batch_stats=True)
         raise NotImplementedError(method)
@@ -488,6 +488,18 @@ class Reference:
             for name, value in previous.params.leaves.items():
                 if name in self.params.leaves:
                     self.params.leaves[name].copy_(value)
+
+
+def bn_before_relu(module):
+    """The BatchNorm whose output reaches `module`'s pre-ReLU point (the sidecar's teacher_module of an
+    OFD pair): the module itself, or a residual block's last direct BatchNorm (RepDistiller's bn2 of a
+    BasicBlock; the shortcut's sits in a child Sequential), as OFD's get_bn_before_relu picks it."""
+    if isinstance(module, torch.nn.BatchNorm2d):
+        return module
+    direct = [m for m in module.children() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not direct:
+        raise RuntimeError(f"no BatchNorm before the ReLU in {type(module).__name__}")
+    return direct[-1]
 
 
 def torch_crd_state(sidecar, seed):
@@ -577,8 +589,8 @@ class Job:
 def run_job(job):
     """(student, method, route, seed, accuracy or None, wall s, CPU s, why it did not run or None) of one Job:
     merges its own graph (the step graph only for the step routes), then trains; the times count
-    both (CPU: this process and its subprocesses, kdgraph's and .venv-ort's). A route that fails
-    is recorded with its one-line error, and the run goes on."""
+    both (CPU: this process and its subprocesses, kdgraph's and .venv-ort's). A route that fails,
+    for whatever reason, is recorded with its one-line error, and the run goes on."""
     torch.set_num_threads(THREADS)
     train, test = digits()
     teacher = build(TEACHER, 0)
@@ -591,9 +603,10 @@ def run_job(job):
                         step=job.route in STEP_ROUTES)
         acc = run_route(job.route, sidecar, stream_path(job), model, teacher, train, test, job.seed, job.plan,
                         job.workdir / name)
-    except RuntimeError as exc:
-        log(f"{name} FAILED: {exc}")
-        return job.student, job.method, job.route, job.seed, None, 0.0, 0.0, str(exc)
+    except Exception as exc:  # noqa: BLE001  (a cell that fails is recorded and the run goes on)
+        why = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+        log(f"{name} FAILED: {why}")
+        return job.student, job.method, job.route, job.seed, None, 0.0, 0.0, why
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     log(f"{job.student} seed {job.seed} {job.method:7s} {ROUTE_NAMES[job.route]:16s} {acc:6.2f}%  {wall:6.1f} s ({cpu:.1f} s CPU)")
     return job.student, job.method, job.route, job.seed, acc, wall, cpu, None
