@@ -26,6 +26,7 @@ import argparse
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,15 @@ METHODS = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "f
 BATCH_RELATIONAL = ("crd", "rkd", "sp", "pkt", "cc")
 CRD_NEGATIVES = 4096  # RepDistiller's 16384 at a quarter: its memory gathers scale with it
 CRD_N_DATA = 50000  # CIFAR's training set, RepDistiller's memory size
+# onnxruntime names a profile by its prefix and the second its session started, and two sessions
+# destroyed with one name write over each other: a session that profiles starts a second later.
+PROFILE_NAME_RESOLUTION_S = 1.1
+
+
+def batch_inputs(batch, size):
+    """One batch of random images at `size` and its ImageNet labels, the same at every call."""
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    return x, (np.arange(batch) % 1000).astype(np.int64)
 
 
 def median_step(run, repeats):
@@ -55,8 +65,9 @@ def median_step(run, repeats):
     return float(np.median([seconds(run) for _ in range(repeats)]))
 
 
-def student_only(student, workdir):
-    """The student alone with CE (ORT's own loss block), its BatchNorms in inference form."""
+def student_only(student, workdir, session_options=None):
+    """The student alone with CE (ORT's own loss block), its BatchNorms in inference form; its step
+    (a Module without an evaluation model, with `session_options`)."""
     model = onnx.load(str(student))
     frozen, trainable = [], []
     for node in model.graph.node:
@@ -68,13 +79,16 @@ def student_only(student, workdir):
     weights = {n.input[i] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "BatchNormalization") for i in (1, 2) if len(n.input) > i}
     trainable = [t.name for t in model.graph.initializer if t.name in weights and t.name not in frozen]
     workdir.mkdir(parents=True, exist_ok=True)
-    artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=frozen, loss=artifacts.LossType.CrossEntropyLoss,
-                                 optimizer=artifacts.OptimType.AdamW, artifact_directory=str(workdir))
+    with train_ort.quiet_gradient_builder():
+        artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=frozen, loss=artifacts.LossType.CrossEntropyLoss,
+                                     optimizer=artifacts.OptimType.AdamW, artifact_directory=str(workdir))
     optimizer = onnx.load(str(workdir / "optimizer_model.onnx"))
     optimizer.ir_version = 10
     onnx.save(optimizer, str(workdir / "optimizer_model.onnx"))
     state = train_ort.CheckpointState.load_checkpoint(str(workdir / "checkpoint"))
-    module = train_ort.Module(str(workdir / "training_model.onnx"), state, str(workdir / "eval_model.onnx"))
+    module = train_ort.Module(str(workdir / "training_model.onnx"), state, None, session_options=session_options)
+    if session_options is not None and session_options.enable_profiling:
+        time.sleep(PROFILE_NAME_RESOLUTION_S)  # the optimizer's session profiles under the module's prefix
     optimizer = train_ort.Optimizer(str(workdir / "optimizer_model.onnx"), module)
 
     def step(x, y):
@@ -146,9 +160,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     teacher, student = model_pair(args.size)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 3, args.size, args.size), dtype=np.float32)
-    y = (np.arange(args.batch) % 1000).astype(np.int64)
+    x, y = batch_inputs(args.batch, args.size)
     with tempfile.TemporaryDirectory(prefix="kdgraph-ort-step-") as tmp:
         work = Path(tmp)
         before = floor(teacher, student, work / "floor_before", x, y, args.repeats)
