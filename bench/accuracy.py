@@ -58,6 +58,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -84,6 +85,9 @@ import kd_reference as R  # noqa: E402
 import train_ort  # noqa: E402
 from merge_checks import PREACT_METHODS, Joint, pick_feat  # noqa: E402
 from test_merge_stages import GraphParams  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench import provenance  # noqa: E402
 
 THREADS = 1  # per run: more threads than free cores slow PyTorch tenfold on a shared machine
 CLASSES, SIZE, CHANNELS = 10, 32, 3
@@ -654,8 +658,18 @@ def agreement(a, b):
     return check
 
 
+@functools.cache
+def versions():
+    """The versions every route ran with (stock onnxruntime: .venv-ort's, where it exists)."""
+    stock = subprocess.run([str(ORT_PYTHON), "-c", "import onnxruntime; print(onnxruntime.__version__)"], capture_output=True,
+                           text=True).stdout.strip() if ORT_PYTHON.exists() else None
+    kdgraph = subprocess.run([str(kdgraph_bin()), "--version"], capture_output=True, text=True).stdout.strip()
+    return {"kdgraph": kdgraph, "onnxruntime_training": onnxruntime.__version__, "onnxruntime_stock": stock,
+            "torch": torch.__version__, "numpy": np.__version__}
+
+
 def results(plan, teacher_acc, runs, notes, spent, load):
-    """The JSON document: configuration, whether every cell has every seed ("complete": false for a
+    """The JSON document: where it comes from (provenance, versions), configuration, whether every cell has every seed ("complete": false for a
     stopped run), teacher, time spent ((wall s, CPU s, jobs): the CPU time
     over the jobs is the run's time on an idle machine), the load average sampled after every
     job, and per student and method: each
@@ -681,7 +695,7 @@ def results(plan, teacher_acc, runs, notes, spent, load):
     wall, cpu, jobs = spent
     expected = {(st, m, r) for st in plan.students for m in plan.methods for r in ROUTES}
     complete = all(len(runs.get(cell, ())) == len(plan.seeds) for cell in expected)
-    return {"config": config, "complete": complete, "teacher_accuracy": teacher_acc, "total_wall_s": wall, "total_cpu_s": cpu,
+    return {**provenance(), "versions": versions(), "config": config, "complete": complete, "teacher_accuracy": teacher_acc, "total_wall_s": wall, "total_cpu_s": cpu,
             "idle_machine_estimate_s": cpu / jobs,
             "load_average_1min": {"mean": float(np.mean(load)), "min": float(min(load)), "max": float(max(load)),
                                   "samples": len(load)},

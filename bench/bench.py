@@ -60,11 +60,16 @@ def model_pair(size, teacher="resnet50", student="resnet18"):
             export(student, True, CACHE / f"{student}_train_{size}.onnx", size))
 
 
+def provenance():
+    """Where a results document comes from: the command, the commit (-dirty: with uncommitted changes) and the machine."""
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}}
+
+
 def save_result(name, result):
-    """bench/results/<name>.json: `result` after the command and the machine that measured it."""
-    document = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
-                **result}
+    """bench/results/<name>.json: `result` after its provenance()."""
+    document = {**provenance(), **result}
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
 
@@ -90,8 +95,7 @@ def main():
     kdgraph = ROOT / "target" / "release" / "kdgraph"
     floor = ROOT / "target" / "release" / "examples" / "io_floor"
     version = subprocess.run([str(kdgraph), "--version"], capture_output=True, text=True).stdout.strip()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result = {"versions": {"kdgraph": version, "commit": git}, "repeats": args.repeats, "pairs": {}}
+    result = {"versions": {"kdgraph": version}, "repeats": args.repeats, "pairs": {}}
     out = Path(tempfile.mkdtemp())
     try:
         for teacher_name, student_name in PAIRS:
