@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 from bench import model_pair, save_result  # noqa: E402
-from ort_step import PROFILE_NAME_RESOLUTION_S, batch_inputs, feeds_for, merge, stage_sidecars, student_only  # noqa: E402
+from ort_step import PROFILE_NAME_RESOLUTION_S, batch_inputs, feeds_for, merge, stage_sidecars, student_alone, student_only  # noqa: E402
 import train_ort  # noqa: E402
 
 SHOWN = 12  # operator types in the printed table: the costliest over all graphs
@@ -71,9 +71,10 @@ def per_op_type(path, steps):
     return {"run_ms": float(np.mean([r["dur"] for r in runs])) / 1000.0, "ops": dict(ops)}
 
 
-def profile_stage(sidecar_path, workdir, x, y, steps):
-    """per_op_type of the training session of one stage graph (its artifacts made by train_ort.Stage)."""
-    sidecar = train_ort.read_sidecar(sidecar_path)
+def profile_stage(sidecar, workdir, x, y, steps):
+    """profiled_step of one stage graph (its sidecar's path, or the sidecar; its artifacts made by
+    train_ort.Stage)."""
+    sidecar = sidecar if isinstance(sidecar, dict) else train_ort.read_sidecar(sidecar)
     stage = train_ort.Stage(sidecar, workdir)
     prefix = workdir / "profile"
     stage.module = train_ort.Module(str(workdir / "training_model.onnx"), stage.state, None,
@@ -127,7 +128,8 @@ def main():
     with tempfile.TemporaryDirectory(prefix="kdgraph-ort-profile-") as tmp:
         work = Path(tmp)
         plain = merge("kd", teacher, student, work / "plain", ["--alpha", "0", "--gamma", "1"])
-        graphs["student (kdgraph)"] = profile_stage(plain, work / "plain" / "main", x, y, args.steps)
+        graphs["student (kdgraph)"] = profile_stage(student_alone(plain, work / "plain"), work / "plain" / "main", x, y,
+                                                    args.steps)
         graphs["student (ORT artifacts)"] = profile_artifacts_student(student, work / "artifacts", x, y, args.steps)
         for method in args.methods.split(","):
             main_stage = dict(stage_sidecars(merge(method, teacher, student, work / method)))["main"]

@@ -10,9 +10,10 @@ Every session: ORT's defaults (2 intra-op threads on this machine, its arena), o
 Writes bench/results/ort_step.json and prints Markdown tables.
 
 The floor, measured in the same way as the methods:
-- `student`: the joint graph of the student alone (kdgraph merge -m kd --alpha 0: cross-entropy,
-  the teacher pruned away), in ORT Training like every method: the student's step in the very form
-  (inference-form BatchNorm, kdgraph's cross-entropy) that every joint graph holds;
+- `student`: the student's own step in ORT Training like every method, in the very form that every
+  joint graph holds (inference-form BatchNorm, kdgraph's cross-entropy): the graph of kdgraph merge
+  -m kd --alpha 0 --gamma 1 cut to its cross-entropy (student_alone: merge keeps the teacher and
+  a zero-weighted KD term in that graph);
 - `teacher`: one forward pass of the teacher export in an InferenceSession;
 - `artifacts student`: ORT's own student-only graph (generate_artifacts with its
   CrossEntropyLoss, the BatchNorms put in inference form by hand), the floor of the first
@@ -128,9 +129,30 @@ def feeds_for(stage, sidecar, x, y):
     return feeds
 
 
-def stage_step(sidecar_path, workdir, x, y, repeats):
-    """Median seconds of one ORT Training step of the stage graph at `sidecar_path`."""
+def student_alone(sidecar_path, workdir):
+    """The sidecar (a dict) of the student's own graph: the plain graph of `merge -m kd --alpha 0
+    --gamma 1` cut to what its cross-entropy and logits need. merge keeps the teacher in that graph
+    (its KD term is weighted 0, not removed), so uncut it would count the teacher's forward pass twice
+    in the floor."""
     sidecar = train_ort.read_sidecar(sidecar_path)
+    image = train_ort.input_with_role(sidecar, "image")
+    outputs = ["loss/ce", "logits"]  # output 0 is the loss ORT Training differentiates
+    alone = onnx.utils.Extractor(onnx.load(sidecar["model_path"])).extract_model([image, "labels"], outputs)
+    kept = {t.name for t in alone.graph.initializer}
+    if set(sidecar["requires_grad"]) - kept:
+        raise RuntimeError(f"{sidecar_path}: the cross-entropy does not reach {sorted(set(sidecar['requires_grad']) - kept)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "student_alone.onnx"
+    onnx.save(alone, str(path))
+    by_name = {o["name"]: o for o in sidecar["outputs"]}
+    return {**sidecar, "model_path": str(path), "outputs": [by_name[name] for name in outputs],
+            "inputs": [i for i in sidecar["inputs"] if i["name"] in (image, "labels")],
+            "frozen_params": [name for name in sidecar["frozen_params"] if name in kept]}
+
+
+def stage_step(sidecar, workdir, x, y, repeats):
+    """Median seconds of one ORT Training step of a stage graph (its sidecar's path, or the sidecar)."""
+    sidecar = sidecar if isinstance(sidecar, dict) else train_ort.read_sidecar(sidecar)
     stage = train_ort.Stage(sidecar, workdir)
     feeds = feeds_for(stage, sidecar, x, y)
     return median_step(lambda: stage.step(feeds), repeats)
@@ -145,7 +167,7 @@ def teacher_forward(teacher, x, repeats):
 def floor(teacher, student, workdir, x, y, repeats):
     """{"student", "teacher", "artifacts_student"} seconds (see the module's note)."""
     plain = merge("kd", teacher, student, workdir, ["--alpha", "0", "--gamma", "1"])
-    result = {"student": stage_step(plain, workdir / "plain", x, y, repeats),
+    result = {"student": stage_step(student_alone(plain, workdir / "plain"), workdir / "plain", x, y, repeats),
               "teacher": teacher_forward(teacher, x, repeats)}
     step = student_only(student, workdir / "artifacts_student")
     result["artifacts_student"] = median_step(lambda: step(x, y), repeats)
