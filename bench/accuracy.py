@@ -47,12 +47,13 @@
 # 300 images are not). Four routes cost twice the two of the first version (8 epochs of batches of
 # 50, 35 minutes): half the images per run keeps the step count near it (72 against 48) at about
 # half the compute. Time: each run is one thread (--jobs processes at once, default 2), and its CPU
-# time is recorded (on a shared machine wall time says more about the others' jobs). CPU per
-# resnet8 run, merge included: ORT Training 4 s, stock onnxruntime 6 s, PyTorch 5 s, kdgraph train
-# 18-20 s (tract runs this step graph about 4 times slower than onnxruntime); mobile_half about 1.8
-# times that. The whole run (teacher, 2 students x 15 configurations x 4 routes x 3 seeds)
-# is about 4,500 CPU seconds: about 37 minutes on the idle 2-core machine
-# (results["idle_machine_estimate_s"] is the measured figure of a run).
+# time is recorded (on a shared machine wall time says more about the others' jobs). These sizes
+# were chosen when a resnet8 run cost 4-5 CPU seconds on ORT Training and PyTorch (about 4,500 CPU
+# seconds, 37 minutes, for the whole run: teacher, 2 students x 15 configurations x 4 routes x 3
+# seeds). On 2026-12-03 the same machine took 11-16 s (the teacher's and student's convolutions,
+# profiled), kdgraph train 39-57 s, mobile_half about twice resnet8: the whole run took 11,174 CPU
+# seconds, 93 minutes of the idle machine, 2.3 times the 40 minutes (results["idle_machine_estimate_s"]
+# is a run's measured figure).
 
 import argparse
 import contextlib
