@@ -1,0 +1,70 @@
+"""bench/own_work.py cuts a stage graph's own work (kdgraph's connectors and loss) out faithfully.
+
+bench/ort_step.py adds that cut graph's step to its floor, so the cut must hold exactly the work
+kdgraph inserted: fed the student's and teacher's tensors that the joint graph computes, it gives
+the joint graph's loss, and it holds none of the student's or teacher's nodes.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+import own_work  # noqa: E402
+
+TEACHER, STUDENT = ("resnet56", "eval"), ("resnet20", "train")
+
+
+def run(model, feeds, outputs):
+    """{name: value} of `outputs` from an onnxruntime InferenceSession of `model` (intermediate
+    tensors exposed as graph outputs)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs if n not in present)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    return dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def stage_graphs(joint_path):
+    """[(model, sidecar)] of every stage graph of a merge (init stage first)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train_ort
+
+    main = train_ort.read_sidecar(joint_path)
+    graphs = []
+    for spec in main["stages"]:
+        sidecar = train_ort.read_sidecar(Path(joint_path).parent / spec["sidecar"])
+        graphs.append((onnx.load(sidecar["model_path"]), sidecar))
+    return graphs
+
+
+@pytest.mark.parametrize("method", ["vid", "ofd", "ft", "at"])
+def test_cut_graph_gives_the_joint_loss(merge, method):
+    rng = np.random.default_rng(0)
+    batch = 4
+    feeds = {"input": rng.standard_normal((batch, 3, 32, 32), dtype=np.float32),
+             "labels": rng.integers(0, 100, batch).astype(np.int64)}
+    for model, sidecar in stage_graphs(merge(TEACHER, STUDENT, method)):
+        cut, cut_sidecar = own_work.own_graph(model, sidecar, batch)
+        produced = {o for n in model.graph.node for o in n.output}
+        values = {i.name: i for i in cut.graph.initializer}
+        student = {name[len("own/"):-len("/value")] for name in values if name.startswith("own/") and name.endswith("/value")}
+        teacher = {name for name in values if name in produced}
+        assert bool(student) == own_work.holds_student(model), sidecar["model"]
+        assert bool(teacher) == own_work.holds_teacher(model), sidecar["model"]
+        assert all(own_work.is_own(n) or n.name.startswith("own/") for n in cut.graph.node)
+        assert set(cut_sidecar["requires_grad"]) <= set(values)
+        joint = run(model, feeds, ["loss", *sorted(student | teacher)])
+        for name in student:
+            values[f"own/{name}/value"].CopyFrom(numpy_helper.from_array(joint[name], f"own/{name}/value"))
+        for name in teacher:
+            values[name].CopyFrom(numpy_helper.from_array(joint[name], name))
+        loss = run(cut, feeds, ["loss"])["loss"]
+        np.testing.assert_allclose(loss, joint["loss"], rtol=1e-5, err_msg=f"{method}: {sidecar['model']}")
