@@ -86,18 +86,28 @@ pub fn build(ctx: &mut LossContext, pairs: &[&TapPair]) -> Result<Option<String>
     if ctx.stage == TrainingStage::Main {
         return Ok(None);
     }
+    // Each map once: a map is the top of one pair and the bottom of the next, and with
+    // --fsp-connectors a second ctx.tap would give it a second, independently trained connector.
+    let sides = [Side::Student, Side::Teacher];
+    let maps: Vec<Vec<(String, (i64, i64, i64))>> = pairs
+        .iter()
+        .map(|pair| {
+            sides
+                .iter()
+                .map(|&side| (ctx.tap(pair, side), ctx.tap_chw(pair, side)))
+                .collect()
+        })
+        .collect();
     let mut terms = Vec::new();
-    for (bottom, top) in pairs.iter().zip(pairs.iter().skip(1)) {
+    for (i, (bottom, top)) in pairs.iter().zip(pairs.iter().skip(1)).enumerate() {
         let base = ctx.name(&format!("{}_{}", bottom.stage, top.stage));
         let mut grams = Vec::new();
-        for side in [Side::Student, Side::Teacher] {
-            let bot = ctx.tap(bottom, side);
-            let top_tensor = ctx.tap(top, side);
-            let (bot_chw, top_chw) = (ctx.tap_chw(bottom, side), ctx.tap_chw(top, side));
+        for (s, side) in sides.iter().enumerate() {
+            let ((bot, bot_chw), (top_tensor, top_chw)) = (&maps[i][s], &maps[i + 1][s]);
             grams.push(flow_matrix(
                 ctx.b,
-                (&bot, bot_chw),
-                (&top_tensor, top_chw),
+                (bot, *bot_chw),
+                (top_tensor, *top_chw),
                 &format!("{base}/{side}"),
             ));
         }

@@ -38,9 +38,15 @@ def test_fsp_connectors_across_widths(kdgraph_bin, tmp_path):
     def student_tap(p):
         return f"kd/fsp/{p['stage']}/connector/bn1" if p["connector"] else p["student"]["tensor"]
 
+    # One connector per student map, though each inner map enters two flow matrices (a second
+    # ctx.tap once gave it a second, independently trained connector).
+    init_model = onnx.load(str(init))
+    connector_convs = [n.name for n in init_model.graph.node if n.op_type == "Conv" and "/connector/" in n.name]
+    assert sorted(connector_convs) == sorted(f"kd/fsp/{p['stage']}/connector/conv0" for p in connected), connector_convs
+
     names = [student_tap(p) for p in pairs] + ["teacher/" + p["teacher"]["tensor"] for p in pairs]
     x = exports.input_batch("resnet18", batch=4, seed=2)
-    values = run_with_taps(onnx.load(str(init)), names, {sidecar["inputs"][0]["name"]: x})
+    values = run_with_taps(init_model, names, {sidecar["inputs"][0]["name"]: x})
     as_torch = lambda n: torch.from_numpy(values[n]).double()
     want = R.fsp([as_torch(student_tap(p)) for p in pairs],
                  [as_torch("teacher/" + p["teacher"]["tensor"]) for p in pairs]).item()
