@@ -18,12 +18,18 @@ The floor, measured in the same way as the methods:
 - `artifacts student`: ORT's own student-only graph (generate_artifacts with its
   CrossEntropyLoss, the BatchNorms put in inference form by hand), the floor of the first
   version of this benchmark, kept to show where the two student steps differ.
-Each method's stage is timed as a median over --repeats steps after a warm-up step; the floor is
-measured before and after the methods, and each ratio uses the mean of the two (the machine's
-drift shows as their difference).
+- `own work`: the stage graph's own work, kdgraph's connectors and loss alone (bench/own_work.py):
+  VID's regressors, FT's paraphraser and translator, OFD's connectors are the method's compute,
+  which any implementation pays.
+A stage's floor is the student's step where the stage trains the student, plus the teacher's
+forward pass where it runs the teacher, plus its own work. The stage graph and the floor's parts
+are timed in rounds (one step of each per round, after a warm-up step of each), and a ratio is the
+median of the rounds' ratios, so that the machine's drift, which moves a step by 10-20% over
+minutes on this machine, falls on both sides of it.
 """
 
 import argparse
+import gc
 import subprocess
 import sys
 import tempfile
@@ -62,12 +68,6 @@ def batch_inputs(batch, size):
     """One batch of random images at `size` and its ImageNet labels, the same at every call."""
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     return x, (np.arange(batch) % 1000).astype(np.int64)
-
-
-def median_step(run, repeats):
-    """Median seconds of `repeats` calls of `run`, after one warm-up call."""
-    run()
-    return float(np.median([seconds(run) for _ in range(repeats)]))
 
 
 def student_only(student, workdir, session_options=None):
@@ -156,40 +156,58 @@ def student_alone(sidecar_path, workdir):
             "frozen_params": [name for name in sidecar["frozen_params"] if name in kept]}
 
 
-def stage_step(sidecar, workdir, x, y, repeats):
-    """Median seconds of one ORT Training step of a stage graph (its sidecar's path, or the sidecar)."""
+def stage_runner(sidecar, workdir, x, y):
+    """One ORT Training step of a stage graph (its sidecar's path, or the sidecar), as a callable."""
     sidecar = sidecar if isinstance(sidecar, dict) else train_ort.read_sidecar(sidecar)
     stage = train_ort.Stage(sidecar, workdir)
     feeds = feeds_for(stage, sidecar, x, y)
-    return median_step(lambda: stage.step(feeds), repeats)
+    return lambda: stage.step(feeds)
 
 
-def own_step(sidecar_path, workdir, x, y, repeats):
-    """(seconds, holds student, holds teacher) of a stage graph's own work (own_work's note)."""
+def own_runner(sidecar_path, workdir, x, y):
+    """(step of a stage graph's own work (own_work's note), holds student, holds teacher)."""
     sidecar = train_ort.read_sidecar(sidecar_path)
     model = onnx.load(sidecar["model_path"])
     cut, cut_sidecar = own_work.own_graph(model, sidecar, len(y))
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "own_work.onnx"
     onnx.save(cut, str(path))
-    seconds_own = stage_step({**cut_sidecar, "model_path": str(path)}, workdir / "artifacts", x, y, repeats)
-    return seconds_own, own_work.holds_student(model), own_work.holds_teacher(model)
+    run = stage_runner({**cut_sidecar, "model_path": str(path)}, workdir / "artifacts", x, y)
+    return run, own_work.holds_student(model), own_work.holds_teacher(model)
 
 
-def teacher_forward(teacher, x, repeats):
-    """Median seconds of one forward pass of the teacher export in an InferenceSession."""
+def teacher_runner(teacher, x):
+    """One forward pass of the teacher export in an InferenceSession, as a callable."""
     session = onnxruntime.InferenceSession(str(teacher), providers=["CPUExecutionProvider"])
-    return median_step(lambda: session.run(None, {session.get_inputs()[0].name: x}), repeats)
+    return lambda: session.run(None, {session.get_inputs()[0].name: x})
 
 
-def floor(teacher, student, workdir, x, y, repeats):
-    """{"student", "teacher", "artifacts_student"} seconds (see the module's note)."""
-    plain = merge("kd", teacher, student, workdir, ["--alpha", "0", "--gamma", "1"])
-    result = {"student": stage_step(student_alone(plain, workdir / "plain"), workdir / "plain", x, y, repeats),
-              "teacher": teacher_forward(teacher, x, repeats)}
-    step = student_only(student, workdir / "artifacts_student")
-    result["artifacts_student"] = median_step(lambda: step(x, y), repeats)
-    return result
+def rounds(runs, repeats):
+    """{name: [seconds per round]}: every callable of `runs` warmed up once, then timed once per
+    round, round after round, so that the machine's drift falls on all of them alike."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(seconds(run))
+    return times
+
+
+def median(values):
+    return float(np.median(values))
+
+
+def stage_row(times, with_student, with_teacher, goal):
+    """A stage's medians and its ratios to the floor, each the median of the rounds' ratios."""
+    parts = [s * with_student + t * with_teacher for s, t in zip(times["student"], times["teacher"])]
+    return {"seconds": median(times["step"]), "own_work": median(times["own"]),
+            "student_step": median(times["student"]), "teacher_forward": median(times["teacher"]),
+            "student": with_student, "teacher": with_teacher,
+            "floor": median([p + o for p, o in zip(parts, times["own"])]),
+            "ratio": median([m / (p + o) for m, p, o in zip(times["step"], parts, times["own"])]),
+            "ratio_without_own_work": median([m / p for m, p in zip(times["step"], parts)]),
+            "goal": goal, "rounds": times}
 
 
 def main():
@@ -197,39 +215,39 @@ def main():
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per stage graph (default 3)")
     args = parser.parse_args()
     teacher, student = model_pair(args.size)
     x, y = batch_inputs(args.batch, args.size)
+    rows = {}
     with tempfile.TemporaryDirectory(prefix="kdgraph-ort-step-") as tmp:
         work = Path(tmp)
-        before = floor(teacher, student, work / "floor_before", x, y, args.repeats)
-        print("floor before: " + ", ".join(f"{k} {v:.2f} s" for k, v in before.items()), flush=True)
-        steps = {}
+        plain = merge("kd", teacher, student, work / "floor", ["--alpha", "0", "--gamma", "1"])
+        floor_runs = {"student": stage_runner(student_alone(plain, work / "floor" / "plain"), work / "floor" / "plain", x, y),
+                      "teacher": teacher_runner(teacher, x)}
+        artifacts_step = student_only(student, work / "floor" / "artifacts_student")
+        floor_check = rounds({"student": floor_runs["student"], "artifacts_student": lambda: artifacts_step(x, y)},
+                             args.repeats)
+        del artifacts_step
+        print("floor: student {:.2f} s against ORT's own student-only graph {:.2f} s".format(
+            median(floor_check["student"]), median(floor_check["artifacts_student"])), flush=True)
         for method in args.methods.split(","):
             (work / method).mkdir()
             for stage, sidecar in stage_sidecars(merge(method, teacher, student, work / method,
                                                        METHOD_FLAGS.get(method, []))):
                 name = method if stage == "main" else f"{method} ({stage})"
-                step_s = stage_step(sidecar, work / method / stage, x, y, args.repeats)
-                own_s, with_student, with_teacher = own_step(sidecar, work / method / f"{stage}-own", x, y, args.repeats)
-                steps[name] = {"seconds": step_s, "own_work": own_s, "student": with_student, "teacher": with_teacher}
-                print(f"{name}: {step_s:.2f} s (its own work {own_s:.2f} s)", flush=True)
-        after = floor(teacher, student, work / "floor_after", x, y, args.repeats)
-    floor_s = {k: (before[k] + after[k]) / 2 for k in before}
-    rows = {}
-    for name, step in steps.items():
-        parts = floor_s["student"] * step["student"] + floor_s["teacher"] * step["teacher"]
-        rows[name] = {**step, "floor": parts + step["own_work"], "ratio": step["seconds"] / (parts + step["own_work"]),
-                      "ratio_without_own_work": step["seconds"] / parts,
-                      "goal": 1.2 if name.split(" ")[0] in BATCH_RELATIONAL else 1.05}
+                own, with_student, with_teacher = own_runner(sidecar, work / method / f"{stage}-own", x, y)
+                runs = {"step": stage_runner(sidecar, work / method / stage, x, y), "own": own, **floor_runs}
+                goal = 1.2 if method in BATCH_RELATIONAL else 1.05
+                rows[name] = stage_row(rounds(runs, args.repeats), with_student, with_teacher, goal)
+                del runs, own
+                gc.collect()  # the stage's sessions go before the next stage's come
+                row = rows[name]
+                print(f"{name}: {row['seconds']:.2f} s, its own work {row['own_work']:.2f} s, "
+                      f"{row['ratio']:.2f}x the floor", flush=True)
     result = {"versions": {"onnxruntime": onnxruntime.__version__, "kdgraph": str(kdgraph_bin())},
-              "batch": args.batch, "size": args.size, "repeats": args.repeats, "floor_before": before,
-              "floor_after": after, "floor": floor_s, "steps": rows}
+              "batch": args.batch, "size": args.size, "repeats": args.repeats, "floor_check": floor_check, "steps": rows}
     save_result("ort_step", result)
-    print(f"floor: student {floor_s['student']:.2f} s (before {before['student']:.2f}, after {after['student']:.2f}), "
-          f"teacher {floor_s['teacher']:.2f} s (before {before['teacher']:.2f}, after {after['teacher']:.2f}); "
-          f"ORT's own student-only graph {floor_s['artifacts_student']:.2f} s")
     print("| stage graph | step | its own work | floor (parts) | x floor | x floor without own work | goal |\n"
           "|---|---|---|---|---|---|---|")
     for name, row in rows.items():
