@@ -262,8 +262,9 @@ def train_teacher(train, test, epochs, workdir):
 
 def merge_args(method, student):
     """kdgraph merge's method options: the plain student is CE alone (KD with weight 0); for the
-    other family's student, stage ends paired by resolution (by position, resnet20's 32x32 map would
-    meet mobile_half's 8x8) and FSP's connectors (the channel counts differ)."""
+    other family's student, stage ends paired by resolution (by position, resnet20's maps would meet
+    maps of another size: vgg8 has five stages to its three) and FSP's connectors (the channel
+    counts differ)."""
     if method == PLAIN:
         return ["-m", "kd", "--alpha", "0", "--gamma", "1"]
     args = ["-m", method]

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
+
+import train_ort
+from merge_checks import run_with_taps
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -21,22 +23,8 @@ import own_work  # noqa: E402
 TEACHER, STUDENT = ("resnet56", "eval"), ("resnet20", "train")
 
 
-def run(model, feeds, outputs):
-    """{name: value} of `outputs` from an onnxruntime InferenceSession of `model` (intermediate
-    tensors exposed as graph outputs)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs if n not in present)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-    return dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in wanted})))
-
-
 def stage_graphs(joint_path):
     """[(model, sidecar)] of every stage graph of a merge (init stage first)."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    import train_ort
-
     main = train_ort.read_sidecar(joint_path)
     graphs = []
     for spec in main["stages"]:
@@ -61,10 +49,10 @@ def test_cut_graph_gives_the_joint_loss(merge, method):
         assert bool(teacher) == own_work.holds_teacher(model), sidecar["model"]
         assert all(own_work.is_own(n) or n.name.startswith("own/") for n in cut.graph.node)
         assert set(cut_sidecar["requires_grad"]) <= set(values)
-        joint = run(model, feeds, ["loss", *sorted(student | teacher)])
+        joint = run_with_taps(model, ["loss", *sorted(student | teacher)], feeds)
         for name in student:
             values[f"own/{name}/value"].CopyFrom(numpy_helper.from_array(joint[name], f"own/{name}/value"))
         for name in teacher:
             values[name].CopyFrom(numpy_helper.from_array(joint[name], name))
-        loss = run(cut, feeds, ["loss"])["loss"]
+        loss = run_with_taps(cut, ["loss"], feeds)["loss"]
         np.testing.assert_allclose(loss, joint["loss"], rtol=1e-5, err_msg=f"{method}: {sidecar['model']}")
