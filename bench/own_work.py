@@ -2,7 +2,7 @@
 
 A method's connectors are part of the method (VID's regressors at full resolution cost about
 what resnet18's forward pass costs), so a fair floor for a stage graph is the student's step, the
-teacher's forward pass where the stage holds the teacher, and this graph's step: the nodes kdgraph
+teacher's forward pass (as far as the stage reads it) where the stage holds the teacher, and this graph's step: the nodes kdgraph
 inserted (named `kd/...` and `loss...`) alone, every student and teacher tensor they read replaced
 by fixed random values of its shape at the benchmark's batch. A student tensor is that value times
 a trainable scalar, so the backward pass computes the gradient that flows into the student (the
@@ -46,21 +46,56 @@ def boundary_shapes(model, batch, names):
     return shapes
 
 
+def boundary(model):
+    """The student and teacher tensors that kdgraph's nodes read, sorted."""
+    graph = model.graph
+    own = [n for n in graph.node if is_own(n)]
+    made_by_own = {o for n in own for o in n.output}
+    outside = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    return sorted({i for n in own for i in n.input if i and i not in made_by_own and i not in outside})
+
+
+def teacher_boundary(model):
+    """The teacher tensors that kdgraph's nodes read: what the stage needs of the teacher."""
+    produced_by = {o: n for n in model.graph.node for o in n.output}
+    return [name for name in boundary(model) if produced_by[name].name.startswith(TEACHER_PREFIX)]
+
+
+def teacher_part(model):
+    """The stage graph's teacher cut to what kdgraph's nodes read of it (a teacher tapped in the
+    middle, as FitNet's hint, runs only that far), as a model for an InferenceSession."""
+    graph = model.graph
+    produced_by = {o: n for n in graph.node for o in n.output}
+    outputs = teacher_boundary(model)
+    needed, stack = set(), list(outputs)
+    while stack:
+        node = produced_by.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack += [i for i in node.input if i]
+    nodes = [n for n in graph.node if id(n) in needed]
+    read = {i for n in nodes for i in n.input}
+    cut = helper.make_graph(
+        nodes, f"{graph.name}-teacher", [i for i in graph.input if i.name in read],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
+        [t for t in graph.initializer if t.name in read])
+    return helper.make_model(cut, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
 def own_graph(model, sidecar, batch):
     """(model, sidecar dict) of the stage's own work; `sidecar` is the stage's, read by train_ort."""
     graph = model.graph
     own = [n for n in graph.node if is_own(n)]
     made_by_own = {o for n in own for o in n.output}
     initializers = {t.name: t for t in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
     produced_by = {o: n for n in graph.node for o in n.output}
     read = [i for n in own for i in n.input if i]
-    boundary = sorted({i for i in read if i not in made_by_own and i not in initializers and i not in graph_inputs})
-    shapes = boundary_shapes(model, batch, set(boundary))
+    boundary_names = boundary(model)
+    shapes = boundary_shapes(model, batch, set(boundary_names))
     rng = np.random.default_rng(0)
     new_initializers = [initializers[name] for name in sorted({i for i in read if i in initializers})]
     feed_nodes, trainable_scales, frozen_values = [], [], []
-    for name in boundary:
+    for name in boundary_names:
         value = rng.random(shapes[name], dtype=np.float32)  # nonnegative, as most taps are (post-ReLU)
         if produced_by[name].name.startswith(TEACHER_PREFIX):
             new_initializers.append(numpy_helper.from_array(value, name))
@@ -72,7 +107,7 @@ def own_graph(model, sidecar, batch):
             frozen_values.append(data)
             trainable_scales.append(scale)
     inputs = [i for i in graph.input if i.name in set(read)]
-    outputs = [o for o in graph.output if o.name in made_by_own or o.name in boundary]
+    outputs = [o for o in graph.output if o.name in made_by_own or o.name in boundary_names]
     cut = helper.make_graph(feed_nodes + own, f"{graph.name}-own-work", inputs, outputs, new_initializers)
     cut_model = helper.make_model(cut, opset_imports=model.opset_import, ir_version=model.ir_version)
     kept = {t.name for t in new_initializers}

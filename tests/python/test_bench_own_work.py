@@ -56,3 +56,25 @@ def test_cut_graph_gives_the_joint_loss(merge, method):
             values[name].CopyFrom(numpy_helper.from_array(joint[name], name))
         loss = run_with_taps(cut, ["loss"], feeds)["loss"]
         np.testing.assert_allclose(loss, joint["loss"], rtol=1e-5, err_msg=f"{method}: {sidecar['model']}")
+
+
+@pytest.mark.parametrize("method", ["fitnet", "kd", "ft"])
+def test_teacher_part_is_the_teacher_as_far_as_the_stage_reads_it(merge, method):
+    """The floor's teacher forward pass computes the teacher's tensors the stage reads, as the stage
+    graph does, with the stage graph's teacher nodes (FitNet's, cut at its hint in the middle)."""
+    rng = np.random.default_rng(1)
+    feeds = {"input": rng.standard_normal((2, 3, 32, 32), dtype=np.float32)}
+    for model, sidecar in stage_graphs(merge(TEACHER, STUDENT, method)):
+        if not own_work.holds_teacher(model):
+            continue
+        part = own_work.teacher_part(model)
+        read = own_work.teacher_boundary(model)
+        assert read and [o.name for o in part.graph.output] == read
+        assert all(n.name.startswith(own_work.TEACHER_PREFIX) for n in part.graph.node)
+        joint = run_with_taps(model, read, {**feeds, "labels": np.zeros(2, np.int64)})
+        alone = run_with_taps(part, read, feeds)
+        for name in read:
+            np.testing.assert_array_equal(alone[name], joint[name], err_msg=f"{method}: {name}")
+        # merge prunes the teacher to what the stage reads, so the part is all of the stage's teacher
+        teacher_nodes = sum(n.name.startswith(own_work.TEACHER_PREFIX) for n in model.graph.node)
+        assert len(part.graph.node) == teacher_nodes, sidecar["model"]
