@@ -312,7 +312,6 @@ impl AtomicWrite {
         Ok(())
     }
 
-    /// Moves every staged file into place.
     /// Moves every staged file into place, in the order staged. If one rename fails, the
     /// temporary files not yet moved are removed (by Drop).
     pub fn commit(mut self) -> Result<()> {
