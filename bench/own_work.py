@@ -2,12 +2,12 @@
 
 A method's connectors are part of the method (VID's regressors at full resolution cost about
 what resnet18's forward pass costs), so a fair floor for a stage graph is the student's step, the
-teacher's forward pass (as far as the stage reads it) where the stage holds the teacher, and this graph's step: the nodes kdgraph
-inserted (named `kd/...` and `loss...`) alone, every student and teacher tensor they read replaced
-by fixed random values of its shape at the benchmark's batch. A student tensor is that value times
-a trainable scalar, so the backward pass computes the gradient that flows into the student (the
-connectors' input gradients) at the cost of one extra reduction, and AdamW updates one number for
-it; a teacher tensor is a frozen value.
+teacher's forward pass as far as the stage reads it (teacher_part) where the stage holds the
+teacher, and this graph's step: the nodes kdgraph inserted (named `kd/...` and `loss...`) alone,
+every student and teacher tensor they read replaced by fixed random values of its shape at the
+benchmark's batch. A student tensor is that value times a trainable scalar, so the backward pass
+computes the gradient that flows into the student (the connectors' input gradients) at the cost
+of one extra reduction, and AdamW updates one number for it; a teacher tensor is a frozen value.
 """
 
 import numpy as np
