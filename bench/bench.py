@@ -21,15 +21,18 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from statistics import median
 
 import torch
 import torchvision
+
+from timing import rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
@@ -92,22 +95,11 @@ def run_once(cmd):
     return wall, int(rss) / 1024, float(user) + float(system)
 
 
-def rounds(commands, repeats):
-    """{name: {"wall": [...], "peak": [...], "cpu": [...]}}, one run of each command per round,
-    after a warm-up round (the models in the page cache), so that the machine's drift falls on
-    all of them alike."""
-    for cmd in commands.values():
-        run_once(cmd)
-    times = {name: {"wall": [], "peak": [], "cpu": []} for name in commands}
-    for _ in range(repeats):
-        for name, cmd in commands.items():
-            for key, value in zip(("wall", "peak", "cpu"), run_once(cmd)):
-                times[name][key].append(value)
-    return times
-
-
-def median(values):
-    return statistics.median(values)
+def command_rounds(commands, repeats):
+    """{name: {"wall": [...], "peak": [...], "cpu": [...]}}: timing.rounds of one run_once of each
+    command per round, after a warm-up round (the models in the page cache)."""
+    taken = rounds({name: partial(run_once, cmd) for name, cmd in commands.items()}, repeats)
+    return {name: dict(zip(("wall", "peak", "cpu"), map(list, zip(*runs)))) for name, runs in taken.items()}
 
 
 def per_round(times, a, b, key="wall"):
@@ -154,7 +146,7 @@ def main():
                 merge = [str(kdgraph), "merge", str(teacher), str(student), "-m", method, "-o", str(out / f"{method}.onnx")]
                 commands.update({method: merge + ["--no-check"], f"{method} checked": merge})
             pair = {"teacher_mb": teacher.stat().st_size / 1e6, "student_mb": student.stat().st_size / 1e6,
-                    **pair_row(rounds(commands, args.repeats), METHODS)}
+                    **pair_row(command_rounds(commands, args.repeats), METHODS)}
             result["pairs"][f"{teacher_name} -> {student_name}"] = pair
     finally:
         shutil.rmtree(out, ignore_errors=True)

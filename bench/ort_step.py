@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
 from bench import model_pair, save_result  # noqa: E402
 from gradients import kdgraph_bin  # noqa: E402
-from timing import seconds  # noqa: E402
+from timing import rounds, seconds  # noqa: E402
 import own_work  # noqa: E402
 import train_ort  # noqa: E402
 
@@ -191,16 +192,10 @@ def teacher_runner(teacher, x):
     return lambda: session.run(None, {session.get_inputs()[0].name: x})
 
 
-def rounds(runs, repeats):
-    """{name: [seconds per round]}: every callable of `runs` warmed up once, then timed once per
-    round, round after round, so that the machine's drift falls on all of them alike."""
-    for run in runs.values():
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name].append(seconds(run))
-    return times
+def step_rounds(runs, repeats):
+    """{name: [seconds per round]}: timing.rounds of one call of each callable of `runs` per round,
+    after a warm-up round."""
+    return rounds({name: partial(seconds, run) for name, run in runs.items()}, repeats)
 
 
 def median(values):
@@ -234,7 +229,7 @@ def main():
         plain = merge("kd", teacher, student, work / "floor", ["--alpha", "0", "--gamma", "1"])
         student_step = stage_runner(student_alone(plain, work / "floor" / "plain"), work / "floor" / "plain", x, y)
         artifacts_step = student_only(student, work / "floor" / "artifacts_student")
-        floor_check = rounds({"student": student_step, "artifacts_student": lambda: artifacts_step(x, y),
+        floor_check = step_rounds({"student": student_step, "artifacts_student": partial(artifacts_step, x, y),
                               "whole_teacher": teacher_runner(teacher, x)}, args.repeats)
         del artifacts_step
         print("floor: student {:.2f} s against ORT's own student-only graph {:.2f} s; the whole teacher's "
@@ -248,7 +243,7 @@ def main():
                 parts, with_student, with_teacher = own_runners(sidecar, work / method / f"{stage}-own", x, y)
                 runs = {"step": stage_runner(sidecar, work / method / stage, x, y), "student": student_step, **parts}
                 goal = 1.2 if method in BATCH_RELATIONAL else 1.05
-                rows[name] = stage_row(rounds(runs, args.repeats), with_student, with_teacher, goal)
+                rows[name] = stage_row(step_rounds(runs, args.repeats), with_student, with_teacher, goal)
                 del runs, parts
                 gc.collect()  # the stage's sessions go before the next stage's come
                 row = rows[name]

@@ -1,6 +1,7 @@
 //! The I/O floor of a merge: read, decode, encode and write two ONNX models with prost and nothing
-//! else. `bench/bench.py` compares `kdgraph merge` against it. With `--durable` each file is written
-//! as merge writes its outputs: to a temporary file, synced to disk, then renamed into place, and the folder synced.
+//! else. `bench/bench.py` compares `kdgraph merge` against it. With `--durable` each file is
+//! written as merge writes its outputs: to a temporary file, synced to disk, then renamed into
+//! place, and the folder synced.
 
 use std::io::Write;
 use std::time::Instant;
@@ -18,9 +19,9 @@ fn write_durably(path: &str, bytes: &[u8]) -> std::io::Result<()> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (durable, args): (Vec<&String>, Vec<&String>) =
-        args.iter().partition(|a| a.as_str() == "--durable");
-    let [teacher, student, out_dir] = args.as_slice() else {
+    let durable = args.iter().any(|a| a == "--durable");
+    let paths: Vec<&String> = args.iter().filter(|a| *a != "--durable").collect();
+    let [teacher, student, out_dir] = paths.as_slice() else {
         eprintln!("usage: io_floor [--durable] TEACHER STUDENT OUT_DIR");
         std::process::exit(2);
     };
@@ -30,13 +31,13 @@ fn main() {
         let model = ModelProto::decode(bytes.as_slice()).expect("decode the model");
         let encoded = model.encode_to_vec();
         let out = format!("{out_dir}/floor{i}.onnx");
-        if durable.is_empty() {
-            std::fs::write(out, encoded).expect("write the model");
-        } else {
+        if durable {
             write_durably(&out, &encoded).expect("write the model");
+        } else {
+            std::fs::write(out, encoded).expect("write the model");
         }
     }
-    if !durable.is_empty() {
+    if durable {
         let dir = std::fs::File::open(out_dir.as_str()).expect("open the output folder");
         dir.sync_all().expect("sync the output folder");
     }
