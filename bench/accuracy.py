@@ -14,16 +14,17 @@
 # deliberately small stratified training split of TRAIN = 300 images (30 per class) drawn from
 # the rest: with that little data the teacher's knowledge has room to matter, and every run is
 # short. Augmentation: random shifts of up to SHIFT = 2 pixels (one pixel of the 8x8 original, the
-# border at the background value), drawn per seed and epoch and precomputed as arrays, so every route sees the same
-# images in the same order.
+# border at the background value), drawn per seed and epoch and precomputed as arrays, so every
+# route sees the same images in the same order.
 #
 # Models (fixtures/make_fixtures.py, 10 classes): teacher resnet20 (RepDistiller's CIFAR
 # ResNet), trained here in PyTorch to convergence and exported in eval mode with its BatchNorms;
 # students resnet8 (same family, RepDistiller's resnet8) and vgg8 (RepDistiller's VGG8 with
 # BatchNorm, another family), exported in training mode. The larger fixtures (resnet32x4,
 # ShuffleV2) would not fit the time budget on two cores; mobile_half (--students mobile_half)
-# barely learns at 16x16 in this budget (21-28% plain on every route, PyTorch's included). Per seed, one student initialisation, shared by every
-# route (the ONNX export and the PyTorch module are the same weights).
+# barely learns at 16x16 in this budget (21-28% plain on every route, PyTorch's included). Per
+# seed, one student initialisation, shared by every route (the ONNX export and the PyTorch module
+# are the same weights).
 #
 # Routes (ROUTES): ORT Training (examples/train_ort.py's Stage on the graph of `kdgraph merge`),
 # `kdgraph train` (tract) and examples/train_onnxruntime.py (stock onnxruntime 1.31, in .venv-ort,
@@ -46,13 +47,14 @@
 # Cross-family FSP needs --fsp-connectors (the reference FSP pairs equal channel counts only).
 #
 # Sizes: BATCH = 25, EPOCHS = 6 (72 steps; init stages INIT_EPOCHS = 2, 24 steps), the teacher
-# TEACHER_EPOCHS = 40 (near-perfect on the test split: its knowledge is, the students' 300 images
-# are not). Time: each run is one thread (--jobs processes at once, default 2), and its CPU time is
-# recorded (on a shared machine wall time says more about the others' jobs); results["total_cpu_s"]
-# and results["idle_machine_estimate_s"] are a run's measured figures. At 32x32 the whole run (teacher,
-# 2 students x 15 configurations x 4 routes x 3 seeds) took 11,174 CPU seconds on 2026-12-03, 93
-# minutes of the idle 2-core machine against the 40 it is meant to take; 16x16 cuts the
-# convolutions' work fourfold.
+# TEACHER_EPOCHS = 40 (near-perfect on the test split, where the students, on 300 images, are
+# not). Time: each run is one thread (--jobs processes at once, default 2), and its CPU time is
+# recorded (on a shared machine wall time says more about the others' jobs);
+# results["total_cpu_s"] and results["idle_machine_estimate_s"] are a run's measured figures. At
+# 32x32 the whole run (teacher, 2 students x 15 configurations x 4 routes x 3 seeds) took 11,174
+# CPU seconds on 2026-12-03, 93 minutes of the idle 2-core machine against the 40 it is meant to
+# take; 16x16 cuts the convolutions' work fourfold, and the whole run took 5,392 CPU seconds, 45
+# minutes.
 
 import argparse
 import contextlib
