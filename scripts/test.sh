@@ -2,7 +2,7 @@
 # Runs every test of kdgraph: the Rust suite, the Python suite (PyTorch references, ORT Training), then
 # the stock-onnxruntime suite, which judges the gradient graphs against the references the Python suite
 # wrote. Creates the pinned Python environments (.venv, .venv-ort) when missing or out of date.
-# Arguments go to the main Python suite; KDGRAPH_HEAVY=1 adds the heavy gradient checks to both.
+# Arguments go to the main Python suite; KDGRAPH_HEAVY=1 adds the heavy set to both (tests/python/heavy.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -27,6 +27,7 @@ for _path in (HERE, ROOT / "examples"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from heavy import HEAVY  # noqa: E402
 from kdgraph_binary import find_kdgraph_bin, kdgraph_bin  # noqa: E402,F401  (re-exported: test_suite_setup; the fixture)
 
 
@@ -38,6 +39,16 @@ def _load_make_fixtures():
 
 
 mf = _load_make_fixtures()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects the heavy cases unless KDGRAPH_HEAVY=1 (the summary counts them as deselected)."""
+    if HEAVY:
+        return
+    dropped = [item for item in items if item.get_closest_marker("heavy")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("heavy")]
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +25,13 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from heavy import HEAVY  # KDGRAPH_HEAVY=1: every model, method and pair; else a representative subset
+
 HERE = Path(__file__).resolve().parent
 CASES = HERE / ".cache" / "gradients"
 
 # ||got - want|| / ||want|| per parameter (issue 11).
 RTOL = 1e-4
-
-# KDGRAPH_HEAVY=1: every model, method and pair; otherwise a representative subset.
-HEAVY = os.environ.get("KDGRAPH_HEAVY", "") not in ("", "0")
 
 MAIN_SUITE = "bash scripts/test.sh, or .venv/bin/python -m pytest tests/python/test_gradient_references.py"
 

@@ -13,7 +13,7 @@ stage is its term anyway), and checked four ways:
 2. fidelity      every loss output of an InferenceSession equals kd_reference on the graph's taps
 3. tract         `kdgraph check` prints the terms kd_reference gives on the inputs it feeds
                  (src/check.rs's seeded generator, reproduced here)
-4. ORT Training  the term falls in 30 steps (merge_checks.check_ort_training), and the gradients
+4. ORT Training  the term falls in TRAIN_STEPS steps (merge_checks), and the gradients
                  of the first student conv and of every added parameter equal torch autograd
 """
 
@@ -291,7 +291,7 @@ def test_tract_check(joint, kdgraph_bin, pair, method, stage):
 
 @pytest.mark.parametrize("pair, method, stage", CASES, ids=[case_id(c) for c in CASES])
 def test_ort_training(joint, artifacts, pair, method, stage, tmp_path):
-    """The term falls in 30 steps, the teacher stays bit-identical, the exported student matches."""
+    """The term falls in TRAIN_STEPS steps, the teacher stays bit-identical, the exported student matches."""
     j = case_joint(joint, pair, method, stage)
     check_ort_training(j, artifacts(j), graph_feeds(j, TRAIN_BATCH), tmp_path, first_student_conv_weight(j), f"loss/{method}")
 

@@ -24,6 +24,7 @@ from torch import nn
 
 import exports
 from conftest import ROOT
+from heavy import heavy
 
 sys.path.insert(0, str(ROOT / "python"))
 import kdgraph  # noqa: E402  (the package under test, from the source tree)
@@ -32,6 +33,8 @@ from kdgraph._api import flags  # noqa: E402
 TEACHER = ROOT / "fixtures" / "resnet56.onnx"
 STUDENT = ROOT / "fixtures" / "resnet20.onnx"
 MODELS = ("resnet18", "mobilenet_v2", "convnext_tiny")
+# BatchNorm (resnet18) and LayerNorm (convnext_tiny) by default; mobilenet_v2 under KDGRAPH_HEAVY=1.
+MODEL_PARAMS = [heavy(name, id=name) if name == "mobilenet_v2" else name for name in MODELS]
 EXPORTERS = {"teacher": kdgraph.export_teacher, "student": kdgraph.export_student}
 
 
@@ -96,7 +99,7 @@ def assert_close(got, want):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * max(scale, 1.0))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_PARAMS)
 def test_teacher_export_keeps_norms_and_gives_eval_outputs(name):
     """export_teacher writes every BatchNorm and LayerNorm of the module as a node in inference form,
     a dynamic batch axis, `input` and `logits`, and the module's eval-mode outputs."""
@@ -114,7 +117,7 @@ def test_teacher_export_keeps_norms_and_gives_eval_outputs(name):
     assert_close(ort_logits(path, x), torch_logits(model, x, train=False))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_PARAMS)
 def test_student_export_keeps_norms_in_training_form(name):
     """export_student writes every BatchNorm in training form (training_mode=1: batch statistics,
     as ORT Training trains it) and every LayerNorm, and the file computes the module's
@@ -135,7 +138,7 @@ def test_student_export_keeps_norms_in_training_form(name):
         assert np.abs(train - torch_logits(model, x, train=False)).max() > 0.1
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_PARAMS)
 def test_student_export_holds_the_module_statistics(name, tmp_path):
     """The running statistics in the student's file are the module's, not the ones the
     training-mode trace moved: with its BatchNorms switched to inference form (what ORT Training's
@@ -166,7 +169,7 @@ def test_export_student_leaves_the_module_untouched(tmp_path):
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_PARAMS)
 def test_exports_merge_without_a_normalisation_warning(name, kdgraph_bin, monkeypatch):
     """kdgraph plans KD + AT between the two exports and sees the student's normalisation, BatchNorm
     or LayerNorm (ConvNeXt): the plan carries no warning."""

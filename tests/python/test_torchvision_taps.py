@@ -5,7 +5,9 @@ random BatchNorm parameters), each exported by the TorchScript exporter in eval 
 mode and by the torch.export-based exporter with and without its optimiser (see exports.py),
 the stem, stage ends, pre-ReLU tensors, embedding and logits that kdgraph reports must be the
 tensors that PyTorch forward hooks see on the corresponding torchvision modules: same count,
-same shapes, same values in onnxruntime (rtol 1e-3, atol 1e-4).
+same shapes, same values in onnxruntime (rtol 1e-3, atol 1e-4). By default resnet18 runs in all
+four forms and resnet50, mobilenet_v2 and vgg16_bn in some (DEFAULT_CASES); KDGRAPH_HEAVY=1 runs
+every model in every form.
 
 Expected taps (from the module structure, not from kdgraph):
   resnets:      stem = model.relu (before maxpool); stages = layer1..layer4 outputs, each the
@@ -35,6 +37,7 @@ import pytest
 import torch
 
 import exports
+from heavy import heavy
 
 RTOL, ATOL = 1e-3, 1e-4
 ACTIVATION_OPS = {"relu": "Relu", "relu6": "Clip"}
@@ -152,8 +155,16 @@ def check_export_premise(graph, mode):
         assert bns and not training_bns, f"{mode}: expected inference-form BatchNormalization kept"
 
 
-@pytest.mark.parametrize("mode", exports.MODES)
-@pytest.mark.parametrize("name", exports.MODELS)
+# Every export form on resnet18; both TorchScript forms of the bottleneck resnet and of
+# mobilenet_v2; vgg16_bn (224x224: four 528 MB exports) once. wide_resnet50_2 is resnet50 wider.
+DEFAULT_CASES = ([("resnet18", mode) for mode in exports.MODES]
+                 + [(name, mode) for name in ("resnet50", "mobilenet_v2") for mode in ("ts-eval", "ts-train")]
+                 + [("vgg16_bn", "dynamo")])
+CASES = [(name, mode) if (name, mode) in DEFAULT_CASES else heavy(name, mode, id=f"{name}-{mode}")
+         for name in exports.MODELS for mode in exports.MODES]
+
+
+@pytest.mark.parametrize("name, mode", CASES, ids=lambda v: v if isinstance(v, str) else None)
 def test_torchvision_taps(kdgraph_bin, name, mode):
     try:
         path = exports.export(name, mode)
