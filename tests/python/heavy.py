@@ -12,6 +12,7 @@ import pytest
 HEAVY = os.environ.get("KDGRAPH_HEAVY", "") not in ("", "0")
 
 
-def heavy(*values, id: str | None = None):
-    """A parametrize case that runs only under KDGRAPH_HEAVY=1."""
-    return pytest.param(*values, id=id, marks=pytest.mark.heavy)
+def cases(all_cases, light, name):
+    """parametrize values: each case (a tuple of argument values) named name(case); those for which
+    light(case) is false are marked heavy and run only under KDGRAPH_HEAVY=1."""
+    return [pytest.param(*case, id=name(case), marks=() if light(case) else pytest.mark.heavy) for case in all_cases]

@@ -27,7 +27,7 @@ import torch
 import kd_reference as R
 import train_ort
 from conftest import mf
-from heavy import heavy
+from heavy import cases
 from merge_checks import (
     COMMITTED, FID_RTOL, FIDELITY_BATCH, FIDELITY_PAIRS, GRAD_RTOL, NUM_CLASSES, TRAIN_BATCH, Joint,
     artifacts_factory, assert_finite_step, check_graph_contract, check_ort_training, check_taps_match_torch,
@@ -263,10 +263,10 @@ def test_loss_terms_on_synthetic_taps(joint, pair, methods):
 
 # gamma0 is the stricter case (the method's own term must fall) and checks the teacher and the
 # export as well; the graph as merged runs under KDGRAPH_HEAVY=1.
-TRAIN_CASES = [(m, w) if w == "gamma0" else heavy(m, w, id=f"{m}-{w}") for m in METHODS for w in ("default", "gamma0")]
+TRAIN_CASES = cases([(m, w) for m in METHODS for w in ("default", "gamma0")], lambda c: c[1] == "gamma0", "-".join)
 
 
-@pytest.mark.parametrize("method, weights", TRAIN_CASES, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("method, weights", TRAIN_CASES)
 def test_ort_training(joint, artifacts, method, weights, tmp_path):
     """Loss falls in TRAIN_STEPS steps, the teacher stays bit-identical, the exported student matches.
 

@@ -41,7 +41,7 @@ from onnx import numpy_helper
 import kd_reference as R
 import train_ort
 from conftest import ROOT, fixture_path, mf
-from heavy import heavy
+from heavy import cases
 from merge_checks import (
     COMMITTED, CRD_ARGS, CRD_K, CRD_N, FID_RTOL, FIDELITY_BATCH, FIDELITY_PAIRS, GRAD_RTOL, PAIRS, TRAIN_BATCH, Joint,
     artifacts_factory, assert_finite_step, check_graph_contract, check_ort_training, check_taps_match_torch,
@@ -652,8 +652,7 @@ def test_loss_terms_on_synthetic_taps(joint, pair, method, stage):
 TRAIN_CASES = [(COMMITTED, m, s, ()) for m in METHODS for s in stage_names(m)] + [
     (COMMITTED, m, "main", GAMMA0) for m in METHODS if m not in NO_MAIN_TERM
 ]
-TRAIN_PARAMS = [heavy(*c, id=case_id(c)) if c[2] == "main" and not c[3] and c[1] not in NO_MAIN_TERM
-                else pytest.param(*c, id=case_id(c)) for c in TRAIN_CASES]
+TRAIN_PARAMS = cases(TRAIN_CASES, lambda c: c[2] != "main" or c[3] or c[1] in NO_MAIN_TERM, case_id)
 
 
 def watched_parameter(j: Joint) -> str:

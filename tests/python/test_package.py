@@ -24,7 +24,7 @@ from torch import nn
 
 import exports
 from conftest import ROOT
-from heavy import heavy
+from heavy import cases
 
 sys.path.insert(0, str(ROOT / "python"))
 import kdgraph  # noqa: E402  (the package under test, from the source tree)
@@ -34,7 +34,7 @@ TEACHER = ROOT / "fixtures" / "resnet56.onnx"
 STUDENT = ROOT / "fixtures" / "resnet20.onnx"
 MODELS = ("resnet18", "mobilenet_v2", "convnext_tiny")
 # BatchNorm (resnet18) and LayerNorm (convnext_tiny) by default; mobilenet_v2 under KDGRAPH_HEAVY=1.
-MODEL_PARAMS = [heavy(name, id=name) if name == "mobilenet_v2" else name for name in MODELS]
+MODEL_PARAMS = cases([(name,) for name in MODELS], lambda c: c != ("mobilenet_v2",), lambda c: c[0])
 EXPORTERS = {"teacher": kdgraph.export_teacher, "student": kdgraph.export_student}
 
 

@@ -5,7 +5,8 @@ Students (students.py): mobilenet_v3_small (HardSwish, HardSigmoid, Dropout), sh
 (ReduceMean head without keepdims), convnext_tiny (LayerNormalization, stochastic depth) with
 `-m kd -m at`, and a small VisionTransformer (LayerNormalization, attention) with `-m kd`, each
 exported by the TorchScript exporter in training mode and by torch.export with its defaults, at
-64x64 (by default each student in one of the two, DEFAULT_CASES; KDGRAPH_HEAVY=1: both). Teacher: resnet18, eval export (exports.py, cached). Per student and export:
+64x64 (by default each student in one of the two, DEFAULT_CASES; KDGRAPH_HEAVY=1: both).
+Teacher: resnet18, eval export (exports.py, cached). Per student and export:
 
   - kdgraph merge succeeds; for each op form of the student file that ORT Training 1.19 cannot
     differentiate (REWRITTEN_FORMS), a sidecar note says it was rewritten (a line with "rewrote"
@@ -34,7 +35,7 @@ from onnx import numpy_helper
 import exports
 import students
 import train_ort
-from heavy import HEAVY, heavy
+from heavy import HEAVY, cases
 from merge_checks import Joint, attributes_without_value, check_ort_training, first_student_conv_weight, says_rewritten
 
 CNNS = ("mobilenet_v3_small", "shufflenet_v2_x1_0", "convnext_tiny")
@@ -99,8 +100,7 @@ def student_export(name: str, mode: str):
         pytest.xfail(str(exc))
 
 
-@pytest.mark.parametrize("name,mode", [c if c in DEFAULT_CASES else heavy(*c, id="-".join(c)) for c in ALL_CASES],
-                         ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("name,mode", cases(ALL_CASES, DEFAULT_CASES.__contains__, "-".join))
 def test_student_trains(name, mode, teacher_path, merge, tmp_path):
     student_path = student_export(name, mode)
     methods = METHODS.get(name, DEFAULT_METHODS)

@@ -37,7 +37,7 @@ import pytest
 import torch
 
 import exports
-from heavy import heavy
+from heavy import cases
 
 RTOL, ATOL = 1e-3, 1e-4
 ACTIVATION_OPS = {"relu": "Relu", "relu6": "Clip"}
@@ -160,11 +160,10 @@ def check_export_premise(graph, mode):
 DEFAULT_CASES = ([("resnet18", mode) for mode in exports.MODES]
                  + [(name, mode) for name in ("resnet50", "mobilenet_v2") for mode in ("ts-eval", "ts-train")]
                  + [("vgg16_bn", "dynamo")])
-CASES = [(name, mode) if (name, mode) in DEFAULT_CASES else heavy(name, mode, id=f"{name}-{mode}")
-         for name in exports.MODELS for mode in exports.MODES]
+CASES = cases([(name, mode) for name in exports.MODELS for mode in exports.MODES], DEFAULT_CASES.__contains__, "-".join)
 
 
-@pytest.mark.parametrize("name, mode", CASES, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("name, mode", CASES)
 def test_torchvision_taps(kdgraph_bin, name, mode):
     try:
         path = exports.export(name, mode)
